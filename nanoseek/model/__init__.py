@@ -1,0 +1,3 @@
+from nanoseek.model.transformer import CausalLMOutput, DeepseekV3ForCausalLM
+
+__all__ = ["DeepseekV3ForCausalLM", "CausalLMOutput"]

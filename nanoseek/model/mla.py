@@ -1,0 +1,77 @@
+"""Multi-head Latent Attention (REFERENCE §2).
+
+Keys and values are rebuilt from one low-rank latent `c` (kv_lora_rank) plus a single RoPE key `k_pe`
+shared by all heads. Training (and prefill) use the naive path below: expand `c` to per-head keys and
+values with `kv_b_proj`, then ordinary causal attention. Decoding needs only `c` and `k_pe` per token;
+the weight-absorbed decode path lives with the inference engine and reads the same parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.linear import linear
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.num_attention_heads
+        self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        q_out = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = linear(cfg.hidden_size, q_out)
+        else:
+            self.q_a_proj = linear(cfg.hidden_size, cfg.q_lora_rank, cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = linear(cfg.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = linear(cfg.hidden_size, cfg.kv_lora_rank + self.d_rope, cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, self.n_heads * (self.d_nope + self.d_v))
+        self.o_proj = linear(self.n_heads * self.d_v, cfg.hidden_size, cfg.attention_bias)
+
+    # -- pieces shared by the naive and the absorbed path -------------------------------------------
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q_nope [B, H, T, d_n], q_pe [B, H, T, d_r] (rotated)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, -1).transpose(1, 2)
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.cfg.rope_interleave)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> normalised latent c [B, T, r_kv] and rotated shared key k_pe [B, T, d_r]:
+        exactly what the decode cache stores."""
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin, self.cfg.rope_interleave).squeeze(1)
+        return self.kv_a_layernorm(c), k_pe
+
+    def expand_latent(self, c: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c [B, S, r_kv], k_pe [B, S, d_r] -> per-head k [B, H, S, d_n + d_r], v [B, H, S, d_v]."""
+        B, S, _ = c.shape
+        kv = self.kv_b_proj(c).view(B, S, self.n_heads, self.d_nope + self.d_v).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, self.n_heads, S, self.d_rope)], dim=-1)
+        return k, v
+
+    # -- naive path: training and prefill --------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, T, D]. attn_mask: optional bool [B, 1, T, T] (True = attend),
+        used for padded batches; without it the causal mask is implicit (faster SDPA path)."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        c, k_pe = self.latent(x, cos, sin)
+        k, v = self.expand_latent(c, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))

@@ -1,0 +1,116 @@
+"""DeepSeekMoE: fine-grained routed experts + always-on shared experts (REFERENCE §1).
+
+The routed path is three separable steps so expert parallelism can slot in between them later:
+  dispatch  - sort token copies by expert (an all-to-all under EP),
+  compute   - one grouped GEMM over the expert-sorted rows (`torch.nn.functional.grouped_mm`),
+  combine   - un-sort, weight by the router and sum the K copies of each token.
+The combine gathers by a fixed permutation and sums in a fixed order, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.ffn import FFN
+from nanoseek.model.router import Router, sequence_balance_loss
+
+
+@dataclass
+class Dispatch:
+    order: torch.Tensor  # [N*K] positions into the flattened (token, k) list, sorted by expert
+    offsets: torch.Tensor  # [E] int32 cumulative row counts per expert (grouped_mm's `offs`)
+    counts: torch.Tensor  # [E] tokens routed to each expert
+
+
+def dispatch(x: torch.Tensor, idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, Dispatch]:
+    """Copy each token once per chosen expert, grouped by expert. x [N, D], idx [N, K] -> [N*K, D]."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    rows = x[order // idx.shape[1]]
+    return rows, Dispatch(order, counts.cumsum(0).to(torch.int32), counts)
+
+
+def combine(rows: torch.Tensor, plan: Dispatch, weights: torch.Tensor) -> torch.Tensor:
+    """Inverse of `dispatch`: rows [N*K, D] (expert order) -> [N, D] weighted sum over the K experts."""
+    n, k = weights.shape
+    unsorted = torch.empty_like(rows).index_copy_(0, plan.order, rows).view(n, k, -1)
+    return (unsorted * weights.unsqueeze(-1).to(rows.dtype)).sum(1)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, in] rows sorted by group, w [E, in, out] -> [M, out]."""
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's op list
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    else:
+        w = w.to(x.dtype)
+    if (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * w.element_size()) % 16 == 0:
+        return F.grouped_mm(x, w, offs=offsets)
+    # grouped_mm needs 16-byte aligned rows (dims a multiple of 8 in bf16, of 4 in fp32). Only odd toy
+    # sizes get here: one matmul per expert.
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
+    return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts' weights as 3-D tensors (the layout transformers uses in memory):
+    gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        gate, up = _grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
+        return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (FFN(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        # Tokens per expert accumulated since the last bias update (across micro-batches).
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None  # set by forward in training when alpha > 0
+        self.aux_per_sequence = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, idx, scores = self.gate(flat)
+        rows, plan = dispatch(flat, idx, self.cfg.n_routed_experts)
+        out = combine(self.experts(rows, plan.offsets), plan, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        if self.training:
+            self.expert_load += plan.counts.to(self.expert_load.dtype)
+            alpha = self.cfg.aux_loss_alpha
+            self.balance_loss = (sequence_balance_loss(scores, idx, self.cfg.n_routed_experts, idx.shape[1], B,
+                                                       alpha, self.aux_per_sequence) if alpha > 0 else None)
+        return out.view(B, T, D)
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float, center: bool = False) -> torch.Tensor:
+        """Auxiliary-loss-free balancing step: b_i += gamma * sign(mean(c) - c_i), with c the loads since
+        the last call (summed over data-parallel ranks when torch.distributed is initialised).
+        `center=True` also subtracts the mean update (torchtitan's variant). Returns the loads used."""
+        load = self.expert_load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        delta = gamma * torch.sign(load.mean() - load)
+        if center:
+            delta -= delta.mean()
+        self.gate.e_score_correction_bias += delta
+        self.expert_load.zero_()
+        return load
