@@ -93,6 +93,7 @@ class MoE(nn.Module):
         out = combine(self.experts(rows, plan.offsets), plan, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
+        self.balance_loss = None
         if self.training:
             self.expert_load += plan.counts.to(self.expert_load.dtype)
             alpha = self.cfg.aux_loss_alpha
