@@ -1,0 +1,329 @@
+"""Data pipeline: reading documents, bad input, shard preparation (determinism, split, atomicity,
+checksums) and the packed, resumable TokenLoader."""
+
+import gzip
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+from tokenizers import models, pre_tokenizers
+
+import nanoseek.data as data
+from nanoseek import cli
+from nanoseek.data import (
+    TokenLoader, choose_dtype, is_val_doc, iter_documents, prepare, read_manifest, synthetic_corpus,
+    verify_dataset, write_corpus,
+)
+from nanoseek.errors import UserError
+from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+
+DOCS = synthetic_corpus(600, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer([write_corpus(DOCS, d / "c.jsonl")], 400, d / "tok", progress=False)
+    return load_tokenizer(d / "tok")
+
+
+@pytest.fixture(scope="module")
+def dataset(tok, tmp_path_factory):
+    """600 documents, 10% validation, shards of 5000 tokens (several, so windows straddle shards)."""
+    d = tmp_path_factory.mktemp("data")
+    src = write_corpus(DOCS, d / "c.jsonl")
+    prepare([src], tok, d / "out", val_fraction=0.1, shard_tokens=5000, workers=1, progress=False)
+    return d / "out"
+
+
+def _write(path, content):
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+def _docs(*args, **kw):
+    return list(iter_documents(*args, **kw))
+
+
+# ---- synthetic corpus -------------------------------------------------------------------------------
+def test_synthetic_corpus_is_deterministic_and_correct():
+    assert synthetic_corpus(50, seed=1) == synthetic_corpus(50, seed=1)
+    assert synthetic_corpus(50, seed=1) != synthetic_corpus(50, seed=2)
+    text = " ".join(synthetic_corpus(300, seed=0))
+    facts = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", text)
+    assert len(facts) > 50
+    for a, op, b, c in facts:
+        assert eval(f"{a} {op} {b}") == int(c)
+    assert all("\n" not in d and d.strip() for d in synthetic_corpus(100, seed=3))
+
+
+# ---- reading documents ------------------------------------------------------------------------------
+def test_text_modes(tmp_path):
+    f = _write(tmp_path / "a.txt", b"\xef\xbb\xbfone\r\ntwo\r\n\r\n\n three\n\n")
+    assert _docs([f]) == ["one\ntwo", " three"]
+    assert _docs([f], text_docs="line") == ["one", "two", " three"]
+    assert _docs([f], text_docs="file") == ["one\ntwo\n\n\n three"]
+
+
+def test_jsonl_gz_and_directories(tmp_path):
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write('{"text": "first"}\n\n{"text": "  "}\n{"text": "second", "id": 2}\n')
+    _write(tmp_path / "a.txt", "zero\n")
+    _write(tmp_path / ".hidden", "ignored\n")
+    assert _docs([tmp_path]) == ["zero", "first", "second"]
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"content": ["a doc", None, "another"], "n": [1, 2, 3]}), tmp_path / "d.parquet")
+    assert _docs([tmp_path / "d.parquet"], text_field="content") == ["a doc", "another"]
+    with pytest.raises(UserError, match="no 'text' column"):
+        _docs([tmp_path / "d.parquet"])
+
+
+def test_parquet_without_pyarrow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(UserError, match="pip install pyarrow"):
+        _docs([_write(tmp_path / "d.parquet", b"PAR1")])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", "", "contains no text"),
+    ("blank.txt", "\n  \n\n", "contains no text"),
+    ("latin1.txt", "ok\ncaf\xe9\n".encode("latin-1"), "line 2 is not valid UTF-8"),
+    ("nul.bin", b"abc\x00def\n", "binary"),
+    ("nofield.jsonl", '{"text": "a"}\n{"body": "b"}\n', "line 2 has no 'text' field .found: body"),
+    ("badjson.jsonl", '{"text": "a"}\n\n{"text": \n', "line 3 is not valid JSON"),
+    ("notstr.jsonl", '{"text": 5}\n', "line 1: field 'text' is int"),
+    ("array.jsonl", '[1, 2]\n', "line 1 has no 'text' field"),
+    ("corrupt.txt.gz", b"\x1f\x8b\x08\x00garbage", "cannot read"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, name, content, message):
+    path = _write(tmp_path / name, content)
+    with pytest.raises(UserError, match=message) as err:
+        _docs([path])
+    assert name in str(err.value)
+
+
+def test_missing_files_are_all_named(tmp_path):
+    ok = _write(tmp_path / "ok.txt", "x")
+    with pytest.raises(UserError, match="not found: .*a.txt, .*b.txt"):
+        _docs([ok, tmp_path / "a.txt", tmp_path / "b.txt"])
+    with pytest.raises(UserError, match="no input"):
+        _docs([])
+
+
+# ---- prepare ----------------------------------------------------------------------------------------
+def _stream(out, split):
+    m = read_manifest(out)
+    parts = [np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"][split]["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=m["dtype"])
+
+
+def test_manifest_and_shard_contents(dataset, tok):
+    m = verify_dataset(dataset)
+    assert (m["dtype"], m["vocab_size"], m["eos_id"]) == ("uint16", tok.vocab_size, tok.eos_id)
+    assert m["tokenizer_sha256"] == tok.sha256 == load_tokenizer(dataset / "tokenizer").sha256
+    val_idx = [i for i in range(len(DOCS)) if is_val_doc(i, 0.1)]
+    assert len(val_idx) == 60 and m["splits"]["val"]["num_docs"] == 60
+    for split, docs in [("val", [DOCS[i] for i in val_idx]),
+                        ("train", [d for i, d in enumerate(DOCS) if i not in set(val_idx)])]:
+        expected = [t for d in docs for t in tok.encode(d) + [tok.eos_id]]
+        assert _stream(dataset, split).tolist() == expected
+        shards = m["splits"][split]["shards"]
+        assert sum(s["num_tokens"] for s in shards) == m["splits"][split]["num_tokens"] == len(expected)
+        assert all(s["num_tokens"] == 5000 for s in shards[:-1])
+    assert len(m["splits"]["train"]["shards"]) > 3
+
+
+def test_workers_give_identical_shards(dataset, tok, tmp_path):
+    src = write_corpus(DOCS, tmp_path / "c.jsonl")
+    m = prepare([src], tok, tmp_path / "out", val_fraction=0.1, shard_tokens=5000, workers=2,
+                progress=False)
+    assert m["splits"] == read_manifest(dataset)["splits"]
+
+
+def test_val_split_is_even_and_by_document():
+    assert sum(is_val_doc(i, 0.01) for i in range(1000)) == 10
+    assert sum(is_val_doc(i, 0.01) for i in range(60)) == 1
+    assert not any(is_val_doc(i, 0.0) for i in range(1000))
+
+
+def test_dtype_choice_and_overflow(tmp_path, tok):
+    assert choose_dtype(65536) == "uint16" and choose_dtype(65537) == "uint32"
+    with pytest.raises(UserError, match="do not fit uint16"):
+        choose_dtype(70000, "uint16")
+    # a foreign byte-level tokenizer with a huge dummy vocabulary (special tokens get appended)
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab.update({f"dummy{i}": 256 + i for i in range(70000)})
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    src = write_corpus(DOCS[:20], tmp_path / "c.txt")
+    with pytest.raises(UserError, match="do not fit uint16"):
+        prepare([src], tmp_path / "tokenizer.json", tmp_path / "o16", dtype="uint16", progress=False)
+    assert not (tmp_path / "o16" / "manifest.json").exists()
+    m = prepare([src], tmp_path / "tokenizer.json", tmp_path / "o32", workers=1, progress=False)
+    assert m["dtype"] == "uint32"
+    assert _stream(tmp_path / "o32", "train").max() == m["eos_id"] >= 70000
+
+
+def test_bad_prepare_arguments(tmp_path, tok):
+    src = write_corpus(DOCS[:5], tmp_path / "c.txt")
+    for kw, msg in [({"val_fraction": 1.0}, "val-fraction"), ({"shard_tokens": 0}, "shard-tokens"),
+                    ({"workers": 0}, "workers")]:
+        with pytest.raises(UserError, match=msg):
+            prepare([src], tok, tmp_path / "o", progress=False, **kw)
+    with pytest.raises(UserError, match="no tokenizer"):
+        prepare([src], tmp_path / "nope", tmp_path / "o", progress=False)
+
+
+def test_interrupted_prepare_keeps_old_data_and_leaves_no_partials(tmp_path, tok, monkeypatch):
+    src = write_corpus(DOCS, tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    prepare([src], tok, out, shard_tokens=3000, workers=1, progress=False)
+    before = read_manifest(out)
+    real = data.iter_documents
+
+    def interrupted(*args, **kw):
+        for i, doc in enumerate(real(*args, **kw)):
+            if i == 400:
+                raise KeyboardInterrupt
+            yield doc
+
+    monkeypatch.setattr(data, "iter_documents", interrupted)
+    for target in (out, tmp_path / "fresh"):
+        with pytest.raises(KeyboardInterrupt):
+            prepare([src], tok, target, shard_tokens=1000, workers=1, progress=False)
+        assert not list(target.glob(".*partial"))
+    assert verify_dataset(out) == before  # the old dataset is untouched and still valid
+    with pytest.raises(UserError, match="no manifest.json"):
+        TokenLoader(tmp_path / "fresh")
+
+
+def test_reprepare_removes_stale_shards(tmp_path, tok):
+    src = write_corpus(DOCS, tmp_path / "c.jsonl")
+    prepare([src], tok, tmp_path / "out", shard_tokens=2000, workers=1, progress=False)
+    m = prepare([src], tok, tmp_path / "out", shard_tokens=10**6, workers=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
+    assert len(m["splits"]["train"]["shards"]) == 1
+
+
+# ---- loader -----------------------------------------------------------------------------------------
+def test_batches_are_windows_of_the_stream(dataset):
+    loader = TokenLoader(dataset, seq_len=32, batch_size=4, seed=3)
+    stream = _stream(dataset, "train").astype(np.int64)
+    windows = {tuple(stream[i * 32:(i + 1) * 32]) for i in range(loader.num_windows)}
+    assert loader.num_tokens == len(stream) and loader.num_windows == len(stream) // 32
+    assert loader.vocab_size == read_manifest(dataset)["vocab_size"]
+    batch = loader.next_batch()
+    assert batch.shape == (4, 32) and batch.dtype == torch.long
+    assert all(tuple(row.tolist()) in windows for row in batch)
+
+
+def test_one_epoch_visits_every_window_once_in_seeded_order(dataset):
+    def epoch_rows(seed, epochs=1):
+        loader = TokenLoader(dataset, seq_len=64, batch_size=5, seed=seed, epochs=epochs, verify=False)
+        return [tuple(r.tolist()) for b in loader for r in b], loader
+
+    rows, loader = epoch_rows(0)
+    assert len(rows) == len(set(rows)) == loader.num_windows  # last batch may be smaller
+    assert rows == epoch_rows(0)[0]
+    assert rows != epoch_rows(1)[0] and sorted(rows) == sorted(epoch_rows(1)[0])
+    two, _ = epoch_rows(0, epochs=2)
+    assert two[:len(rows)] == rows and two[len(rows):] != rows and sorted(two[len(rows):]) == sorted(rows)
+    ordered = TokenLoader(dataset, seq_len=64, batch_size=5, shuffle=False, verify=False).next_batch()
+    stream = _stream(dataset, "train")
+    assert ordered.flatten().tolist() == stream[:320].tolist()
+
+
+def test_resume_reproduces_the_uninterrupted_run(dataset):
+    kw = dict(seq_len=48, batch_size=7, seed=5, verify=False)
+    full = TokenLoader(dataset, **kw)
+    n = full.batches_per_epoch + 3  # resume point after an epoch boundary
+    reference = [full.next_batch() for _ in range(n + 6)]
+    first = TokenLoader(dataset, **kw)
+    for _ in range(n):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    resumed = TokenLoader(dataset, **kw)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1
+    for expected in reference[n:]:
+        assert torch.equal(resumed.next_batch(), expected)
+    other = TokenLoader(dataset, **{**kw, "seq_len": 32})
+    with pytest.raises(UserError, match="seq_len was 48"):
+        other.load_state_dict(state)
+
+
+def test_ranks_split_the_global_batch(dataset):
+    kw = dict(seq_len=32, seed=2, verify=False)
+    whole = TokenLoader(dataset, batch_size=6, **kw)
+    ranks = [TokenLoader(dataset, batch_size=3, rank=r, world_size=2, **kw) for r in range(2)]
+    for _ in range(3):
+        assert torch.equal(whole.next_batch(), torch.cat([r.next_batch() for r in ranks]))
+
+
+def test_val_split_and_too_small_split(dataset):
+    val = TokenLoader(dataset, split="val", seq_len=16, batch_size=2)
+    assert val.num_tokens == read_manifest(dataset)["splits"]["val"]["num_tokens"]
+    with pytest.raises(UserError, match="fewer than one sequence"):
+        TokenLoader(dataset, split="val", seq_len=10**6)
+    with pytest.raises(UserError, match="unknown split"):
+        TokenLoader(dataset, split="test")
+
+
+def test_corruption_is_detected(dataset, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(dataset, out)
+    shard = out / read_manifest(out)["splits"]["train"]["shards"][1]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        TokenLoader(out, seq_len=16)
+    TokenLoader(out, seq_len=16, verify=False)  # skipping verification is allowed
+    TokenLoader(out, split="val", seq_len=16)  # val shards are intact
+    shard.write_bytes(bytes(raw[:-2]))
+    with pytest.raises(UserError, match="truncated"):
+        TokenLoader(out, seq_len=16, verify=False)
+    shard.unlink()
+    with pytest.raises(UserError, match="missing"):
+        TokenLoader(out, seq_len=16, verify=False)
+
+
+def test_not_a_data_dir(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        TokenLoader(tmp_path / "nope")
+    with pytest.raises(UserError, match="no manifest.json"):
+        TokenLoader(tmp_path)
+    _write(tmp_path / "manifest.json", "{}")
+    with pytest.raises(UserError, match="not a nanoseek token manifest"):
+        TokenLoader(tmp_path)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def test_cli(tmp_path, tok, capsys):
+    tok.save(tmp_path / "tok")
+    corpus = tmp_path / "c.txt"
+    assert cli.main(["data", "synthetic", "--out", str(corpus), "--n-docs", "100"]) == 0
+    assert _docs([corpus]) == synthetic_corpus(100, 0)
+    argv = ["data", "prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+            "--out", str(tmp_path / "d"), "--workers", "1", "--quiet", "--val-fraction", "0.004"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "train:" in captured.out and "too few documents" in captured.err
+    assert cli.main(["data", "verify", str(tmp_path / "d")]) == 0
+    (tmp_path / "d" / "train_000000.bin").write_bytes(b"\0\0")
+    assert cli.main(["data", "verify", str(tmp_path / "d")]) == 2
+    bad = _write(tmp_path / "bad.jsonl", '{"txt": 1}\n')
+    assert cli.main([*argv[:3], str(bad), *argv[4:]]) == 2
+    assert "bad.jsonl: line 1 has no 'text' field" in capsys.readouterr().err
