@@ -1,0 +1,1 @@
+"""The training system: one core (`Trainer`) shared by pretraining, SFT and GRPO."""

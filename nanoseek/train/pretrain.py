@@ -1,0 +1,122 @@
+"""`nanoseek pretrain --config run.toml [key=value ...] [--resume]`: V3-style pretraining on token shards.
+
+The same entry point does context extension: `init_from=<model dir> yarn_factor=4 yarn_original_len=256
+seq_len=1024` loads the weights, switches RoPE to YaRN and continues at the longer length.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from nanoseek.errors import UserError
+from nanoseek.model import DeepseekV3ForCausalLM
+from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.core import Trainer, lm_loss_fn, load_weights, seed_everything
+
+
+def train_flops_per_token(model_cfg, seq_len: int) -> float:
+    """FLOPs per trained token from nanoseek.cost (causal attention and the MTP modules included)."""
+    from nanoseek.cost import train_flops_per_token as flops
+
+    return flops(model_cfg, seq_len, include_mtp=model_cfg.num_nextn_predict_layers > 0)
+
+
+def tokenizer_files(data_dir: Path) -> dict[str, Path]:
+    tok = data_dir / "tokenizer"
+    return {f.name: f for f in sorted(tok.glob("*.json"))} if tok.is_dir() else {}
+
+
+@torch.no_grad()
+def evaluate_loss(model: DeepseekV3ForCausalLM, data_dir: str, seq_len: int, batch_size: int, batches: int,
+                  device: torch.device, split: str = "val") -> float:
+    """Mean next-token loss over the first `batches` batches of a split, in a fixed order."""
+    from nanoseek.data import TokenLoader
+
+    loader = TokenLoader(data_dir, split, seq_len=seq_len, batch_size=batch_size, shuffle=False, verify=False)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for _ in range(min(batches, max(1, loader.batches_per_epoch))):
+        x = loader.next_batch().to(device)
+        losses.append(model(x, labels=x).lm_loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def build_model(cfg: TrainConfig, vocab_needed: int) -> DeepseekV3ForCausalLM:
+    model_cfg = cfg.model_config()
+    if vocab_needed > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer has {vocab_needed} tokens but the model's vocab_size is "
+                        f"{model_cfg.vocab_size}: set model.vocab_size={vocab_needed} (or larger)")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise UserError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+                        f"{model_cfg.max_position_embeddings} (use YaRN: yarn_factor=..., or raise it)")
+    model = DeepseekV3ForCausalLM(model_cfg)
+    if cfg.init_from:
+        if not Path(cfg.init_from).is_dir():
+            raise UserError(f"init_from={cfg.init_from} is not a model directory")
+        load_weights(model, Path(cfg.init_from))
+    return model
+
+
+def run_pretraining(cfg: TrainConfig, resume: bool = False) -> Trainer:
+    from nanoseek.data import TokenLoader
+
+    seed_everything(cfg.seed)
+    loader = TokenLoader(cfg.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    model = build_model(cfg, loader.vocab_size)
+    tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum
+    trainer = Trainer(cfg, model, train_flops_per_token(model.config, cfg.seq_len), tokens_per_step,
+                      extra_files=tokenizer_files(Path(cfg.data)))
+
+    def evaluate() -> dict:
+        try:
+            loss = evaluate_loss(model, cfg.data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, trainer.device)
+        except UserError:  # no validation split
+            return {}
+        return {"val_loss": loss}
+
+    def sample() -> dict:
+        return {"sample": sample_text(model, Path(cfg.data) / "tokenizer", cfg.sample_prompt, trainer.device)}
+
+    trainer.fit(loader, lm_loss_fn(trainer), evaluate=evaluate, sample=sample, resume=resume)
+    return trainer
+
+
+@torch.no_grad()
+def sample_text(model: DeepseekV3ForCausalLM, tokenizer_dir: Path, prompt: str, device: torch.device,
+                max_new_tokens: int = 32) -> str:
+    """A short greedy continuation, logged so a run shows what the model has learned."""
+    if not prompt or not (tokenizer_dir / "tokenizer.json").exists():
+        return ""
+    from nanoseek.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = torch.tensor([tok.encode(prompt)], device=device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id)
+    model.train(was_training)
+    return prompt + tok.decode(out[0, ids.shape[1]:].tolist(), skip_special=True)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with TrainConfig fields ([model] table = model overrides)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override a setting, e.g. max_steps=500 lr=1e-3 model.n_routed_experts=16")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_train_config(TrainConfig, args.config, args.overrides)
+    trainer = run_pretraining(cfg, resume=args.resume)
+    last = trainer.history[-1] if trainer.history else {}
+    summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "val_loss", "load_max_mean", "tokens_per_s", "mfu")
+                        if k in last)
+    print(f"done: step {trainer.step}; {summary}")
+    print(f"model: {trainer.out_dir / 'model'}")
+    return 0
