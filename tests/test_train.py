@@ -98,7 +98,7 @@ def test_bad_inputs_give_clear_errors(data_dir, tmp_path):
 
 def test_toml_and_overrides(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('model = "tiny"\nmax_steps = 7\nschedule = "wsd"\n[model]\nn_routed_experts = 16\n')
+    toml.write_text('model = "tiny"\nmax_steps = 7\nschedule = "wsd"\n[model_overrides]\nn_routed_experts = 16\n')
     cfg = load_train_config(TrainConfig, str(toml), ["lr=0.01", "model.n_group=4", "compile=true"])
     assert (cfg.max_steps, cfg.schedule, cfg.lr, cfg.compile) == (7, "wsd", 0.01, True)
     assert cfg.model_config().n_routed_experts == 16 and cfg.model_config().n_group == 4

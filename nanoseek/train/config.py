@@ -1,5 +1,6 @@
 """Typed training configuration. TOML files and `key=value` overrides map onto the dataclass fields;
-nested model fields are set with `model.<field>=value` (e.g. `model.n_routed_experts=16`)."""
+model fields are set in a `[model_overrides]` TOML table or with `model.<field>=value` on the command line
+(e.g. `model.n_routed_experts=16`)."""
 
 from __future__ import annotations
 
@@ -155,8 +156,6 @@ def load_train_config(cls: type, toml_path: str | None, overrides: list[str]) ->
             raise UserError(f"config file {toml_path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{toml_path}: invalid TOML: {e}") from None
-    if isinstance(values.get("model"), dict):  # [model] table = model overrides
-        values["model_overrides"] = {**values.get("model_overrides", {}), **values.pop("model")}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for item in overrides:

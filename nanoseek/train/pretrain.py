@@ -105,7 +105,7 @@ def sample_text(model: DeepseekV3ForCausalLM, tokenizer_dir: Path, prompt: str, 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with TrainConfig fields ([model] table = model overrides)")
+    p.add_argument("--config", help="TOML file with TrainConfig fields ([model_overrides] table = ModelConfig fields)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a setting, e.g. max_steps=500 lr=1e-3 model.n_routed_experts=16")
