@@ -64,6 +64,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     # nanoseek training knobs stored with the model (DeepSeek-V2 config names where they exist)
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss weight; 0 disables it
+    seq_aux: bool = True  # balance loss per sequence (V3); False = classic batch-wise auxiliary loss
     mtp_loss_weight: float = 0.3  # lambda in L_MTP = lambda / D * sum_k CE_k
     torch_dtype: str = "float32"
 

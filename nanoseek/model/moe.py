@@ -32,7 +32,7 @@ def dispatch(x: torch.Tensor, idx: torch.Tensor, n_experts: int) -> tuple[torch.
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n_experts)
-    rows = x[order // idx.shape[1]]
+    rows = x.index_select(0, order // idx.shape[1])  # backward is index_add_, cheaper than index_put
     return rows, Dispatch(order, counts.cumsum(0).to(torch.int32), counts)
 
 
@@ -83,7 +83,6 @@ class MoE(nn.Module):
         # Tokens per expert accumulated since the last bias update (across micro-batches).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # set by forward in training when alpha > 0
-        self.aux_per_sequence = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -98,7 +97,7 @@ class MoE(nn.Module):
             self.expert_load += plan.counts.to(self.expert_load.dtype)
             alpha = self.cfg.aux_loss_alpha
             self.balance_loss = (sequence_balance_loss(scores, idx, self.cfg.n_routed_experts, idx.shape[1], B,
-                                                       alpha, self.aux_per_sequence) if alpha > 0 else None)
+                                                       alpha, self.cfg.seq_aux) if alpha > 0 else None)
         return out.view(B, T, D)
 
     @torch.no_grad()
