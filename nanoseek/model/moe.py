@@ -43,6 +43,7 @@ def combine(rows: torch.Tensor, plan: Dispatch, weights: torch.Tensor) -> torch.
     return (unsorted * weights.unsqueeze(-1).to(rows.dtype)).sum(1)
 
 
+@torch.compiler.disable  # grouped_mm's fake-tensor rule only admits bf16 (CUDA); run it eagerly
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, in] rows sorted by group, w [E, in, out] -> [M, out]."""
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's op list

@@ -98,6 +98,9 @@ class Trainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
+        if cfg.compile:  # per block, so the module tree (and checkpoints) keep their names
+            for block in model.model.layers:
+                block.compile()
         self.autocast = autocast_dtype(cfg.dtype, self.device)
         self.optimizer = build_optimizer(model, cfg)
         self.out_dir = Path(cfg.out_dir)
