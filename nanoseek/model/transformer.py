@@ -108,6 +108,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 mtp_weight: float | None = None, return_hidden: bool = False) -> CausalLMOutput:
+        """Logits, and with `labels` the training loss. mtp_weight: lambda for the MTP loss (None = the
+        config's; 0 skips the MTP modules entirely, e.g. for validation loss)."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
@@ -122,7 +124,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             return out
         out.lm_loss = next_token_ce(logits, labels)
         out.loss = out.lm_loss
-        if len(self.mtp) and T > len(self.mtp) + 1:
+        if len(self.mtp) and T > len(self.mtp) + 1 and mtp_weight != 0:
             out.mtp_loss = self._mtp_loss(hidden, input_ids, labels, position_ids, attn_mask)
             weight = self.config.mtp_loss_weight if mtp_weight is None else mtp_weight
             out.loss = out.loss + weight * out.mtp_loss
@@ -145,6 +147,15 @@ class DeepseekV3ForCausalLM(nn.Module):
             logits = self.lm_head(module.shared_head.norm(h))
             losses.append(next_token_ce(logits, labels[:, k:]))
         return torch.stack(losses).mean()
+
+    # ------------------------------------------------------------------ inference (see nanoseek/inference)
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """transformers-style generation over the latent KV cache; returns prompt + new ids [B, P + new].
+        Options (temperature, top_k, top_p, min_p, attention_mask, eos_token_id, stop_strings, seed,
+        speculative, ...): `nanoseek.inference.engine.hf_generate`."""
+        from nanoseek.inference.engine import hf_generate
+
+        return hf_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------ I/O (see nanoseek/hf.py)
     def save_pretrained(self, path, safe_max_shard_bytes: int = 2 * 1024**3) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import ModelConfig, preset
+from nanoseek.config import PRESETS, ModelConfig, preset
 from nanoseek.errors import UserError
 
 try:
@@ -23,7 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "small"  # preset name or a path to a config.json / model directory
+    model: str = ""  # preset name or a config.json / model directory; "" = init_from's config, else "small"
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {"n_routed_experts": 16}
     init_from: str = ""  # start from these weights (HF-format dir), e.g. for context extension or SFT
     data: str = "runs/data"  # token shards made by `nanoseek data prepare`
@@ -74,10 +74,8 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         """Resolve `model` + overrides + YaRN settings into a ModelConfig."""
-        if self.model in __import__("nanoseek.config", fromlist=["PRESETS"]).PRESETS:
-            cfg = preset(self.model)
-        else:
-            cfg = ModelConfig.from_json(self.model)
+        name = self.model or self.init_from or "small"
+        cfg = preset(name) if name in PRESETS else ModelConfig.from_json(name)
         try:
             cfg = cfg.replace(**self.model_overrides)
         except TypeError as e:

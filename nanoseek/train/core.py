@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from nanoseek.hf import from_checkpoint, load_state, read_tensors, save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
-from nanoseek.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from nanoseek.errors import UserError
+from nanoseek.train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import MetricsLogger
 from nanoseek.train.schedule import lr_at, piecewise
@@ -176,9 +177,11 @@ class Trainer:
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.out_dir / "train_config.json")
-        if resume:
-            self.resume(source, on_state)
-        logger = MetricsLogger(self.out_dir, cfg.tensorboard)
+        resumed = resume and self.resume(source, on_state)
+        if not resumed and list_checkpoints(self.ckpt_dir):
+            raise UserError(f"{self.out_dir} already holds checkpoints of another run: resume it (--resume) "
+                            "or choose a new out_dir")
+        logger = MetricsLogger(self.out_dir, cfg.tensorboard, fresh=not resumed)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.out_dir.name}", unit="step",
                    dynamic_ncols=True, disable=os.environ.get("NANOSEEK_NO_PROGRESS") == "1")
         try:

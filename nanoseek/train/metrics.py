@@ -9,10 +9,11 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, tensorboard: bool = True, fresh: bool = False):
+        """fresh=True starts a new file; otherwise rows are appended (a resumed run continues its log)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "w" if fresh else "a", buffering=1)
         self._tb = None
         if tensorboard:
             try:

@@ -1,7 +1,8 @@
 """`nanoseek pretrain --config run.toml [key=value ...] [--resume]`: V3-style pretraining on token shards.
 
 The same entry point does context extension: `init_from=<model dir> yarn_factor=4 yarn_original_len=256
-seq_len=1024` loads the weights, switches RoPE to YaRN and continues at the longer length.
+seq_len=1024` loads the weights (and, unless `model=` is given, their config), switches RoPE to YaRN and
+continues at the longer length.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def evaluate_loss(model: DeepseekV3ForCausalLM, data_dir: str, seq_len: int, bat
     losses = []
     for _ in range(min(batches, max(1, loader.batches_per_epoch))):
         x = loader.next_batch().to(device)
-        losses.append(model(x, labels=x).lm_loss.item())
+        losses.append(model(x, labels=x, mtp_weight=0.0).lm_loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
