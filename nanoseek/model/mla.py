@@ -75,3 +75,43 @@ class MLA(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                              scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
+
+    # -- absorbed path: inference with a latent cache (nanoseek.inference.cache) ------------------------
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, start: int,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Attention for x [B, T, D] whose tokens go to cache slots start..start+T-1, with W_UK folded into
+        the query and W_UV into the output, so keys and values are never expanded per head.
+
+        cache [B, max_len, r_kv + d_r] rows are [c | k_pe]; this call writes the new tokens' rows.
+        mask: additive float [B, 1 or T, start + T] (0 = attend, -inf = not).
+        Same math as `forward`, in fewer and larger ops: decoding is bound by per-op overhead.
+        """
+        B, T, _ = x.shape
+        H, r, d_n, S = self.n_heads, self.kv_lora_rank, self.d_nope, start + T
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(_rms_norm(self.q_a_layernorm, self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, H, -1).transpose(1, 2).split([d_n, self.d_rope], dim=-1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.d_rope], dim=-1)
+        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(1)], dim=1), cos, sin, self.cfg.rope_interleave)
+        cache[:, start:S] = torch.cat([_rms_norm(self.kv_a_layernorm, c), pe[:, H]], dim=-1)
+        # kv_b_proj.weight viewed [H, d_n + d_v, r_kv]: W_UK = first d_n rows per head, W_UV = the rest.
+        w_kv = self.kv_b_proj.weight.view(H, d_n + self.d_v, r)
+        q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, d_n), w_kv[:, :d_n])  # q~ = q_nope W_UK
+        q = torch.cat([q_lat.view(H, B, T, r).transpose(0, 1), pe[:, :H]], dim=-1)  # [B, H, T, r + d_r]
+        kv = cache[:, :S]
+        if T > 1:
+            mask = mask.repeat(1, H, 1)  # [B, T, S] -> [B, H * T, S], head-major like q below
+        scores = torch.baddbmm(mask, q.reshape(B, H * T, r + self.d_rope), kv.transpose(1, 2), alpha=self.scale)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        o = torch.bmm(probs, kv[..., :r])  # attention over the latents: [B, H * T, r]
+        o = torch.bmm(o.view(B, H, T, r).transpose(0, 1).reshape(H, B * T, r), w_kv[:, d_n:].transpose(1, 2))
+        return self.o_proj(o.view(H, B, T, self.d_v).permute(1, 2, 0, 3).reshape(B, T, H * self.d_v))
+
+
+def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` as one fused op where that is exact enough (float32); the module otherwise."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)

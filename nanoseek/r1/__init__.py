@@ -1,6 +1,7 @@
 """DeepSeek-R1's recipe in miniature: verifiable tasks, rule-based rewards, safe verifiers, metrics.
 
-This package's import is torch-free; training loops (GRPO, SFT, sampling) live in submodules."""
+This package's import is torch-free; training loops (GRPO, SFT, sampling) live in submodules and
+are re-exported lazily: `from nanoseek.r1 import run_grpo` imports torch only then."""
 
 from nanoseek.r1.metrics import EvalResult, Sample, maj_at_k, majority_vote, pass_at_k
 from nanoseek.r1.rewards import (
@@ -41,7 +42,28 @@ from nanoseek.r1.verify import (
     run_with_timeout,
 )
 
-__all__ = [
+# name -> submodule, imported on first access (PEP 562), so `import nanoseek.r1` stays torch-free
+_LAZY = {
+    "SFTConfig": "sft", "run_sft": "sft", "load_sft_examples": "sft",
+    "GRPOConfig": "grpo", "run_grpo": "grpo",
+    "group_advantages": "grpo_loss", "policy_loss": "grpo_loss", "token_weights": "grpo_loss",
+    "k3_kl": "grpo_loss",
+    "evaluate_model": "evaluate", "sample_traces": "sample",
+    "DistillConfig": "distill", "run_distill": "distill",
+    "load_policy": "rollout", "generate_completions": "rollout",
+    "score_completion": "rollout",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"nanoseek.r1.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'nanoseek.r1' has no attribute {name!r}")
+
+
+__all__ = [*_LAZY,
     "EvalResult", "Sample", "maj_at_k", "majority_vote", "pass_at_k",
     "PRESETS", "ParsedCompletion", "RewardConfig", "accuracy_reward", "compute_rewards",
     "extract_answer", "format_reward", "language_consistency", "language_reward",

@@ -1,0 +1,117 @@
+"""The latent KV cache of Multi-head Latent Attention (REFERENCE §2).
+
+Per token and layer MLA needs only the normalised latent `c` (kv_lora_rank) and the rotated shared RoPE
+key `k_pe` (qk_rope_head_dim); the per-head keys and values are never materialised at decode time (the
+absorbed path in `MLA.decode` folds `kv_b_proj` into the query and the output instead). We store the
+two side by side in one row, `[c | k_pe]`, because the absorbed score is then a single dot product:
+`q~ . c + q_pe . k_pe = [q~ | q_pe] . [c | k_pe]`.
+
+Layout: slot-aligned. Every row of the batch writes its t-th step into the same slot, so a step is one
+slice assignment for the whole batch. Rows differ only in which slots hold real tokens (`valid`):
+left padding of ragged prompts, and speculative drafts that were rejected, are simply invalid slots
+that attention masks out. Each row keeps its own position counter (`lengths` = tokens cached so far,
+which is also the RoPE position of its next token), so positions stay contiguous per row whatever the
+slot layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+class LatentKVCache:
+    """Preallocated [layers, batch, max_len, kv_lora_rank + qk_rope_head_dim] cache plus validity.
+
+    `layers` may exceed the model's depth: speculative decoding keeps the MTP block's latents in an
+    extra layer that shares the same slots and mask.
+    """
+
+    def __init__(self, layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        self.kv = torch.zeros(layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        # Additive attention bias per key slot: 0 for a real token, -inf for padding / rejected / unused.
+        self.bias = torch.full((batch, max_len), NEG_INF, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = 0  # next free slot, shared by all rows
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int, extra_layers: int = 0) -> "LatentKVCache":
+        cfg = model.config
+        weight = model.model.embed_tokens.weight
+        return cls(cfg.num_hidden_layers + extra_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                   dtype=weight.dtype, device=weight.device)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def batch(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[batch, max_len] bool: which slots hold a real token."""
+        return self.bias == 0
+
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def bytes_per_token(self) -> float:
+        """Measured storage per cached token (all layers): (kv_lora_rank + rope_dim) * layers * dtype bytes."""
+        return self.nbytes() / (self.batch * self.max_len)
+
+    def layer(self, i: int) -> torch.Tensor:
+        """[batch, max_len, kv_lora_rank + rope_dim] view of layer i; `MLA.decode` writes into it."""
+        return self.kv[i]
+
+    # ------------------------------------------------------------------ bookkeeping
+    def append(self, valid: torch.Tensor | None, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Reserve the next `n` slots for a step; `valid` [batch, n] bool marks real tokens (None: all).
+
+        Returns (first slot, position ids [batch, n], additive mask [batch, 1 or n, slots so far]).
+        The mask is shared by every layer of the step, so it is built once here.
+        """
+        start, end = self.slot, self.slot + n
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} slots needed, {self.max_len} allocated")
+        self.slot = end
+        if valid is None:
+            positions = self.lengths[:, None] + torch.arange(n, device=self.lengths.device)
+            self.bias[:, start:end] = 0.0
+            self.lengths += n
+        else:
+            valid = valid.bool()
+            positions = self.lengths[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+            self.bias[:, start:end].masked_fill_(valid, 0.0)
+            self.lengths += valid.sum(1)
+        if n == 1:
+            return start, positions, self.bias[:, None, :end]
+        return start, positions, self._block_mask(start, end)
+
+    def _block_mask(self, start: int, end: int) -> torch.Tensor:
+        """[batch, n, end] mask for a multi-token step: past valid slots, causal inside the new block,
+        and every query may see its own slot so padded queries stay finite (their outputs are unused)."""
+        n = end - start
+        mask = self.bias[:, None, :end].repeat(1, n, 1)
+        new = mask[:, :, start:]
+        new.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1), NEG_INF)
+        new.diagonal(dim1=1, dim2=2).fill_(0.0)
+        return mask
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every batch row not in `rows` (one copy of the cache; used when rows finish)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.kv.device)
+        self.kv = self.kv.index_select(1, index)
+        self.bias = self.bias.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+    def invalidate(self, rows: torch.Tensor, slot: int) -> None:
+        """Mark `slot` as holding no token for the rows where `rows` (bool [batch]) is True, and give
+        those rows their position back. Speculative decoding calls it for rejected drafts."""
+        self.bias[:, slot].masked_fill_(rows, NEG_INF)
+        self.lengths -= rows.long()

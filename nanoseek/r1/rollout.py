@@ -1,0 +1,288 @@
+"""What the R1 commands share: loading a policy, building a task, rendering prompts, generating
+completions with per-token log-probabilities, and scoring them.
+
+Generation goes through `generate_completions`, a thin adapter: it uses the inference engine's
+batched generator when `nanoseek.inference` provides one (`nanoseek.inference.engine.generate_batch`
+returning per-row tokens, log-probs and finish reasons), and otherwise a small fallback decoder
+written here: left-padded batch, a full forward per new token (no KV cache), the engine's `Sampler`
+for token choice. The fallback is exact but O(T^2); it is meant for the short completions of the
+CPU-sized tasks (tens of tokens) and for tests.
+
+Log-probabilities follow `nanoseek.inference.sampling`: `log_softmax(logits / temperature)` of the
+chosen token under the *unfiltered* distribution, the same quantity `policy_logprobs` recomputes for
+GRPO's ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from nanoseek.errors import UserError
+from nanoseek.r1.metrics import Sample
+from nanoseek.r1.rewards import RewardConfig, compute_rewards, parse_completion
+from nanoseek.r1.tasks import Problem, Task, format_prompt, get_task, prompt_opens_think
+
+
+# ================================================================== model + tokenizer
+
+
+def load_policy(model_dir: str | Path, device: str | torch.device = "cpu",
+                tokenizer_dir: str | Path | None = None):
+    """(model, tokenizer) from an HF-format directory holding tokenizer.json, with one clear
+    UserError for a missing directory or tokenizer."""
+    from nanoseek.hf import from_pretrained
+    from nanoseek.tokenizer import load_tokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: not a model directory")
+    tok_path = Path(tokenizer_dir) if tokenizer_dir else path
+    if not (tok_path / "tokenizer.json").is_file():
+        raise UserError(f"no tokenizer.json in {tok_path}; models exported by nanoseek carry one "
+                        f"(or pass a tokenizer directory)")
+    tokenizer = load_tokenizer(tok_path)
+    model = from_pretrained(path, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer in {tok_path} has {tokenizer.vocab_size} tokens but the model's "
+                        f"vocab_size is {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def tokenizer_files(directory: str | Path) -> dict[str, Path]:
+    """Tokenizer JSON files of a model directory, for `Trainer(extra_files=...)`, so exported models
+    and checkpoints stay self-contained."""
+    d = Path(directory)
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    return {n: d / n for n in names if (d / n).is_file()}
+
+
+# ================================================================== tasks and prompts
+
+
+def build_task(name: str, seed: int = 0, n_train: int = 1000, n_test: int = 200,
+               difficulty: int = 0, options: dict | None = None, verifier: str = "",
+               timeout_s: float = 1.0) -> Task:
+    """`get_task` with the command-line conventions (difficulty 0 and verifier "" mean defaults),
+    its verifier checked up front (`check_verifier`)."""
+    task = get_task(name, seed=seed, n_train=n_train, n_test=n_test,
+                    difficulty=difficulty or None, verifier=verifier or None,
+                    timeout_s=timeout_s, **(options or {}))
+    check_verifier(task)
+    return task
+
+
+def check_verifier(task: Task, n: int = 3) -> None:
+    """Run the verifier on the reference answers of a few problems before any generation.
+
+    During training a verifier failure only costs a zero reward (a policy must not be able to stop
+    a run by provoking one), so a verifier that is broken outright would silently train on
+    nothing. This turns that case into one clear error up front."""
+    from nanoseek.r1.verify import VerifierTimeout, _to_score, run_with_timeout
+
+    for problem in (task.train or task.test)[:n]:
+        try:
+            _to_score(run_with_timeout(task.verifier, problem.answer, problem,
+                                       timeout_s=task.timeout_s))
+        except VerifierTimeout:
+            raise UserError(f"the {task.name} verifier timed out (> {task.timeout_s}s) on the "
+                            f"reference answer {problem.answer!r}") from None
+        except Exception as e:  # noqa: BLE001 - reported to the user, not swallowed
+            raise UserError(f"the {task.name} verifier fails on the reference answer "
+                            f"{problem.answer!r}: {type(e).__name__}: {e}") from None
+
+
+def render_prompt(problem: Problem, template: str, tokenizer) -> str:
+    return format_prompt(problem, template, tokenizer.apply_chat_template)
+
+
+# ================================================================== generation
+
+
+@dataclass
+class Completion:
+    """One generated continuation: token ids (eos included when it stopped on one), their
+    log-probabilities, and why it ended: "stop" (eos / stop token) or "length" (truncated)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+def _engine_generate() -> Callable | None:
+    """The inference engine's batched generator, if it is there (see module docstring)."""
+    try:
+        from nanoseek.inference import engine  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(engine, "generate_batch", None)
+
+
+@torch.no_grad()
+def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                         eos_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                         seed: int | None = None, batch_size: int = 64,
+                         pad_id: int = 0, progress: str | None = None) -> list[Completion]:
+    """Sample one completion per prompt (repeat a prompt G times for a group). Row i uses seed
+    `seed + i`, so a run is reproducible whatever the batching. The model is put in eval mode for
+    the call (no expert-load accounting) and restored afterwards. `progress` names a progress bar
+    (None: no bar)."""
+    from nanoseek.inference.sampling import SamplingParams
+
+    if not prompts:
+        return []
+    limit = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > limit:
+        raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                        f"model's context of {limit} tokens")
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("cannot generate from an empty prompt")
+    was_training = model.training
+    model.eval()
+    out: list[Completion] = []
+    bar = progress_bar(len(prompts), progress, unit="seq")
+    try:
+        engine = _engine_generate()
+        for start in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[start:start + batch_size]]
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p,
+                                    seed=None if seed is None else seed + start)
+            if engine is not None:
+                out += [Completion(list(r.tokens), list(r.logprobs), r.finish_reason)
+                        for r in engine(model, chunk, params, eos_id=eos_id)]
+            else:
+                out += _fallback_generate(model, chunk, params, eos_id, pad_id)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out
+
+
+def progress_bar(total: int, desc: str | None, unit: str = "it"):
+    """A tqdm bar, off when `desc` is None or NANOSEEK_NO_PROGRESS=1 (tests, benchmarks)."""
+    from tqdm.auto import tqdm
+
+    off = desc is None or os.environ.get("NANOSEEK_NO_PROGRESS") == "1"
+    return tqdm(total=total, desc=desc, unit=unit, disable=off, dynamic_ncols=True, leave=False)
+
+
+def _fallback_generate(model, prompts: list[list[int]], params, eos_id: int,
+                       pad_id: int) -> list[Completion]:
+    """Left-padded batch, full forward per step. Rows that finished keep running (cheaper than
+    reshaping the batch at this size) but their tokens are ignored."""
+    from nanoseek.inference.sampling import Sampler
+
+    device = next(model.parameters()).device
+    B, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    sampler = Sampler(params, B, device)
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    logps: list[list[float]] = [[] for _ in range(B)]
+    done = [False] * B
+    for _ in range(params.max_new_tokens):
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        nxt, lp = sampler(logits)
+        for i in range(B):
+            if not done[i]:
+                tokens[i].append(int(nxt[i]))
+                logps[i].append(float(lp[i]))
+                done[i] = int(nxt[i]) == eos_id
+        if all(done):
+            break
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+    return [Completion(t, l, "stop" if d else "length") for t, l, d in zip(tokens, logps, done)]
+
+
+def completion_text(tokenizer, completion: Completion) -> str:
+    """Decoded completion without its final eos. Control tokens are kept, so a completion that
+    wanders into a new chat turn is visibly malformed instead of silently cleaned up."""
+    ids = completion.tokens
+    if ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
+# ================================================================== scoring
+
+
+@dataclass
+class Scored:
+    """A completion with its text, reward components and the eval-metric view (`sample`)."""
+
+    prompt: str
+    text: str
+    completion: Completion
+    rewards: dict[str, float]
+    sample: Sample
+    problem: Problem = field(repr=False, default=None)
+
+
+def score_completion(task: Task, problem: Problem, prompt: str, text: str,
+                     completion: Completion, reward_cfg: RewardConfig | None = None,
+                     max_tokens: int | None = None) -> Scored:
+    """Rewards (with `prompt_opened_think` taken from the prompt, so the format reward can fire
+    after a template that opened `<think>`) and the strict correctness used by the metrics."""
+    opened = prompt_opens_think(prompt)
+    n = len(completion.tokens)
+    rewards = compute_rewards(text, problem, task, n_tokens=n, max_tokens=max_tokens,
+                              config=reward_cfg, prompt_opened_think=opened)
+    parsed = parse_completion(text, opened)
+    correct = parsed.well_formed and task.verify(parsed.answer, problem)
+    sample = Sample(answer=parsed.answer, correct=correct, well_formed=parsed.well_formed,
+                    n_tokens=n)
+    return Scored(prompt, text, completion, rewards, sample, problem)
+
+
+def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int, template: str,
+            max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int | None = None,
+            reward_cfg: RewardConfig | None = None, batch_size: int = 64,
+            progress: str | None = None) -> list[list[Scored]]:
+    """`n` scored completions for each problem (greedy when temperature is 0: then use n = 1)."""
+    prompts = [render_prompt(p, template, tokenizer) for p in problems]
+    ids = [tokenizer.encode(p) for p in prompts]
+    flat = [x for x in ids for _ in range(n)]
+    completions = generate_completions(model, flat, max_new_tokens=max_new_tokens,
+                                       eos_id=tokenizer.eos_id, temperature=temperature,
+                                       top_p=top_p, seed=seed, batch_size=batch_size,
+                                       pad_id=tokenizer.pad_id, progress=progress)
+    out = []
+    for i, problem in enumerate(problems):
+        group = completions[i * n:(i + 1) * n]
+        out.append([score_completion(task, problem, prompts[i], completion_text(tokenizer, c), c,
+                                     reward_cfg, max_new_tokens) for c in group])
+    return out
+
+
+class Throughput:
+    """Tokens per second of a block of work (`with Throughput() as t: ...; t.rate(tokens)`)."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+    def rate(self, tokens: int) -> float:
+        return tokens / self.seconds if self.seconds > 0 else math.inf

@@ -1,0 +1,424 @@
+"""`nanoseek sft --model DIR --data FILE.jsonl [key=value ...] [--resume]`: supervised fine-tuning.
+
+Used for R1's cold start (a few long chain-of-thought examples before RL) and for distillation
+(the verified traces of `nanoseek sample`). Each JSONL line is either
+
+    {"prompt": "...", "completion": "..."}      prompt rendered with `template` (default: as is)
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
+
+and the loss covers only what the model must learn to write: the completion (or every assistant
+message) plus its closing eos. Prompt and completion are tokenized separately, exactly as at
+inference time, where the prompt is encoded alone and the model continues it.
+
+Packing (`pack=true`, the default) concatenates examples into sequences of up to `seq_len` tokens.
+Packed examples are isolated: a block-diagonal attention mask keeps each example from seeing the
+others, positions restart at 0 for every example, and the first tokens of each example are never a
+target, so no loss crosses an example boundary (the main and the MTP heads alike). A packed batch
+therefore gives the same per-token losses as the examples one by one, without the padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.errors import UserError
+from nanoseek.model.transformer import next_token_ce
+from nanoseek.r1.rollout import tokenizer_files
+from nanoseek.r1.tasks import Problem, format_prompt
+from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.core import Trainer, seed_everything
+
+SFT_TEMPLATES = ("none", "r1_zero", "compact", "chat")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """TrainConfig plus the SFT data settings. `model`/`init_from` name the model directory to
+    fine-tune (`--model` sets both); `data` is the JSONL file."""
+
+    data: str = ""
+    out_dir: str = "runs/sft"
+    template: str = "none"  # how a "prompt" is rendered: none (as is) | r1_zero | compact | chat
+    tokenizer: str = ""  # tokenizer directory; default: the model directory
+    val_fraction: float = 0.0  # share of examples held out for val_loss
+    epochs: int = 0  # > 0: sets max_steps to this many passes over the data
+    pack: bool = True  # several examples per sequence (isolated by the attention mask)
+    too_long: str = "error"  # an example longer than seq_len: error | skip
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    max_steps: int = 200
+    eval_every: int = 50
+    save_every: int = 100
+    sample_prompt: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.template not in SFT_TEMPLATES:
+            raise UserError(f"invalid setting `template` = {self.template!r}: choose one of "
+                            f"{', '.join(SFT_TEMPLATES)}")
+        if self.too_long not in ("error", "skip"):
+            raise UserError(f"invalid setting `too_long` = {self.too_long!r}: error or skip")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"invalid setting `val_fraction` = {self.val_fraction}: must be in [0, 1)")
+        if self.epochs < 0:
+            raise UserError(f"invalid setting `epochs` = {self.epochs}: must be >= 0")
+
+
+# ================================================================== examples
+
+
+@dataclass
+class Example:
+    """One tokenized example; `target[i]` says whether token i is learned (completion / assistant)."""
+
+    ids: list[int]
+    target: list[bool]
+    line: int
+
+
+def load_sft_examples(path: str | Path, tokenizer, template: str = "none") -> list[Example]:
+    """Tokenize every line of an SFT JSONL file. One UserError, naming the file and line, for a
+    missing file, bad JSON, missing or malformed fields, and for a file with no examples."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"SFT data {path}: no such file")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                row = _json_row(line, f"{path}:{lineno}")
+                examples.append(example_from_row(row, tokenizer, template, f"{path}:{lineno}",
+                                                 lineno))
+    if not examples:
+        raise UserError(f"SFT data {path}: no examples (the file is empty)")
+    return examples
+
+
+def _json_row(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def example_from_row(row: dict, tokenizer, template: str, where: str, lineno: int = 0) -> Example:
+    if "messages" in row:
+        return _chat_example(row["messages"], tokenizer, where, lineno)
+    missing = [k for k in ("prompt", "completion") if k not in row]
+    if missing:
+        raise UserError(f"{where}: missing field {' and '.join(map(repr, missing))} (a line needs "
+                        f"'prompt' and 'completion', or 'messages'; fields present: "
+                        f"{', '.join(map(repr, row)) or 'none'})")
+    prompt, completion = row["prompt"], row["completion"]
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+        raise UserError(f"{where}: 'prompt' must be a string and 'completion' a non-empty string")
+    if template != "none":
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+        prompt = format_prompt(Problem(prompt, str(row.get("answer", "")), meta), template,
+                               tokenizer.apply_chat_template)
+    head = tokenizer.encode(prompt)
+    tail = tokenizer.encode(completion) + [tokenizer.eos_id]
+    return Example(head + tail, [False] * len(head) + [True] * len(tail), lineno)
+
+
+def _chat_example(messages: Any, tokenizer, where: str, lineno: int) -> Example:
+    """BOS, then each turn as role token + content + eos; assistant content and its eos are the
+    targets. Turn by turn tokenization equals tokenizing the rendered chat, because the role and
+    eos tokens are special and split the text."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list")
+    from nanoseek.tokenizer import ROLE_TOKENS
+
+    ids, target = [tokenizer.bos_id], [False]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: message {i} needs 'role' and 'content'")
+        if m["role"] not in ROLE_TOKENS or not isinstance(m["content"], str):
+            raise UserError(f"{where}: message {i}: role must be one of {', '.join(ROLE_TOKENS)} "
+                            f"and content a string")
+        content = tokenizer.encode(m["content"]) + [tokenizer.eos_id]
+        learn = m["role"] == "assistant"
+        ids += [tokenizer.token_id(ROLE_TOKENS[m["role"]])] + content
+        target += [False] + [learn] * len(content)
+    if not any(target):
+        raise UserError(f"{where}: no assistant message to learn from")
+    return Example(ids, target, lineno)
+
+
+# ================================================================== packing and batches
+
+
+@dataclass
+class Packed:
+    """One training sequence: ids, labels (-100 = no loss), segment (1.. per example, 0 = pad)
+    and positions restarting at 0 for every example."""
+
+    ids: list[int]
+    labels: list[int]
+    segments: list[int]
+    positions: list[int]
+
+
+def check_lengths(examples: list[Example], seq_len: int, too_long: str) -> list[Example]:
+    long = [e for e in examples if len(e.ids) > seq_len]
+    if long and too_long == "error":
+        e = long[0]
+        raise UserError(f"line {e.line}: example of {len(e.ids)} tokens is longer than seq_len="
+                        f"{seq_len} ({len(long)} such example(s)); raise seq_len (up to the "
+                        f"model's context) or set too_long=skip")
+    if long:
+        print(f"sft: skipping {len(long)} example(s) longer than seq_len={seq_len}")
+    kept = [e for e in examples if len(e.ids) <= seq_len]
+    if not kept:
+        raise UserError(f"no example fits seq_len={seq_len}")
+    return kept
+
+
+def pack_examples(examples: list[Example], seq_len: int, pack: bool = True,
+                  no_target_prefix: int = 1) -> list[Packed]:
+    """Next-fit packing in the given order (one example per sequence when `pack` is False). The
+    first `no_target_prefix` tokens of every example are never targets: with MTP depth D, pass
+    D + 1 so no head predicts across a boundary."""
+    out: list[Packed] = []
+    current = Packed([], [], [], [])
+    for ex in examples:
+        if current.ids and (not pack or len(current.ids) + len(ex.ids) > seq_len):
+            out.append(current)
+            current = Packed([], [], [], [])
+        seg = (current.segments[-1] if current.segments else 0) + 1
+        current.ids += ex.ids
+        current.labels += [t if learn and i >= no_target_prefix else -100
+                           for i, (t, learn) in enumerate(zip(ex.ids, ex.target))]
+        current.segments += [seg] * len(ex.ids)
+        current.positions += list(range(len(ex.ids)))
+    if current.ids:
+        out.append(current)
+    return out
+
+
+def collate(seqs: list[Packed], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of the batch (segment 0 and label -100 on padding)."""
+    width = max(len(s.ids) for s in seqs)
+
+    def pad(rows, value):
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    return {"input_ids": pad([s.ids for s in seqs], pad_id),
+            "labels": pad([s.labels for s in seqs], -100),
+            "segments": pad([s.segments for s in seqs], 0),
+            "positions": pad([s.positions for s in seqs], 0)}
+
+
+class SFTSource:
+    """Batches of packed sequences in a fresh seeded order every epoch; resumable exactly (the
+    state is the number of sequences consumed, checked against a fingerprint of the data)."""
+
+    def __init__(self, seqs: list[Packed], batch_size: int, seed: int, pad_id: int):
+        if not seqs:
+            raise UserError("SFT: no training sequences")
+        self.seqs, self.batch_size, self.seed, self.pad_id = seqs, batch_size, seed, pad_id
+        self.consumed = 0
+        self.fingerprint = _fingerprint(seqs)
+        self._perm_epoch, self._perm = -1, []
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, -(-len(self.seqs) // self.batch_size))
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            self._perm = list(range(len(self.seqs)))
+            random.Random(f"sft:{self.seed}:{epoch}").shuffle(self._perm)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        n = len(self.seqs)
+        picked = []
+        for _ in range(min(self.batch_size, n)):
+            epoch, i = divmod(self.consumed, n)
+            picked.append(self.seqs[self._order(epoch)[i]])
+            self.consumed += 1
+        return collate(picked, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise UserError("cannot resume SFT: the data (or seq_len / packing / tokenizer) "
+                            "changed since the checkpoint was written")
+        self.consumed = int(state["consumed"])
+
+
+def _fingerprint(seqs: list[Packed]) -> str:
+    h = hashlib.sha256()
+    for s in seqs:
+        h.update(json.dumps([s.ids, s.labels]).encode())
+    return h.hexdigest()
+
+
+# ================================================================== loss
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] segment ids -> bool [B, 1, T, T]: causal attention within the same example only.
+    Padding (segment 0) attends to padding, so its rows stay finite; their outputs are unused."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return (causal & same)[:, None]
+
+
+def packed_lm_loss(model, batch: dict[str, torch.Tensor], mtp_weight: float = 0.0):
+    """Completion-only next-token loss on packed sequences (+ MTP and MoE balance losses).
+
+    Calls the model's trunk directly because `model.forward` builds only causal/padding masks.
+    Returns (loss, metrics)."""
+    device = next(model.parameters()).device
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    positions = batch["positions"].to(device)
+    mask = segment_mask(batch["segments"].to(device))
+    for moe in model.moe_layers():
+        moe.balance_loss = None  # a layer that does not run (MTP) must not keep an old graph
+    hidden = model.model(ids, positions, mask)
+    lm_loss = next_token_ce(model.lm_head(hidden), labels)
+    loss, metrics = lm_loss, {"lm_loss": lm_loss.item()}
+    if len(model.mtp) and mtp_weight > 0 and ids.shape[1] > len(model.mtp) + 1:
+        mtp = model._mtp_loss(hidden, ids, labels, positions, mask)
+        loss = loss + mtp_weight * mtp
+        metrics["mtp_loss"] = mtp.item()
+    balance = [m.balance_loss for m in model.moe_layers() if m.balance_loss is not None]
+    if balance:
+        b = torch.stack(balance).sum()
+        loss = loss + b
+        metrics["balance_loss"] = b.item()
+    metrics["loss"] = loss.item()
+    metrics["target_tokens"] = float((labels[:, 1:] != -100).sum())
+    return loss, metrics
+
+
+@torch.no_grad()
+def val_loss(model, seqs: list[Packed], batch_size: int, pad_id: int) -> float:
+    """Token-weighted completion loss over `seqs` in eval mode."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        batch = collate(seqs[i:i + batch_size], pad_id)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        if n:
+            loss, _ = packed_lm_loss(model, batch)
+            total, count = total + loss.item() * n, count + n
+    model.train(was)
+    return total / max(1, count)
+
+
+# ================================================================== running
+
+
+def sft_data(cfg: SFTConfig, tokenizer, n_mtp: int) -> tuple[list[Packed], list[Packed]]:
+    """(train, val) packed sequences: load, length-check, seeded shuffle, split, pack."""
+    examples = load_sft_examples(cfg.data, tokenizer, cfg.template)
+    examples = check_lengths(examples, cfg.seq_len, cfg.too_long)
+    random.Random(f"sft-split:{cfg.seed}").shuffle(examples)
+    n_val = int(len(examples) * cfg.val_fraction)
+    if n_val == 0 and cfg.val_fraction > 0 and len(examples) > 1:
+        n_val = 1
+    val, train = examples[:n_val], examples[n_val:]
+    if not train:
+        raise UserError("SFT: no training examples left after the validation split")
+    return tuple(pack_examples(exs, cfg.seq_len, cfg.pack, no_target_prefix=n_mtp + 1)
+                 for exs in (train, val))
+
+
+def resolve_tokenizer_dir(cfg: SFTConfig) -> Path:
+    for candidate in (getattr(cfg, "tokenizer", ""), cfg.init_from, cfg.model):
+        if candidate and (Path(candidate) / "tokenizer.json").is_file():
+            return Path(candidate)
+    raise UserError("SFT needs a tokenizer: give a model directory that holds tokenizer.json, "
+                    "or tokenizer=DIR")
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
+    """Fine-tune `cfg.init_from` (or a fresh `cfg.model`) on `cfg.data` with the shared core;
+    returns the Trainer (history, out_dir/model = the exported result)."""
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.pretrain import build_model, train_flops_per_token
+
+    if not cfg.data:
+        raise UserError("SFT needs data=FILE.jsonl (or --data)")
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        raise UserError(f"model directory {cfg.init_from} does not exist")
+    seed_everything(cfg.seed)
+    tok_dir = resolve_tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    model = build_model(cfg, tokenizer.vocab_size)
+    train, val = sft_data(cfg, tokenizer, len(model.mtp))
+    source = SFTSource(train, cfg.batch_size, cfg.seed, tokenizer.pad_id)
+    if cfg.epochs:
+        steps = -(-cfg.epochs * source.batches_per_epoch // cfg.grad_accum)
+        cfg = dataclasses.replace(cfg, max_steps=steps)
+    tokens = sum(len(s.ids) for s in train) / len(train) * cfg.batch_size * cfg.grad_accum
+    trainer = Trainer(cfg, model, train_flops_per_token(model.config, cfg.seq_len), int(tokens),
+                      extra_files=tokenizer_files(tok_dir))
+    print(f"sft: {len(train)} training sequences, {len(val)} validation; {cfg.max_steps} steps "
+          f"of {cfg.batch_size * cfg.grad_accum} sequences")
+
+    def loss_fn(model, batch):
+        return packed_lm_loss(model, batch, trainer.mtp_lambda())
+
+    def evaluate() -> dict:
+        return {"val_loss": val_loss(model, val, cfg.batch_size, tokenizer.pad_id)} if val else {}
+
+    trainer.fit(source, loss_fn, evaluate=evaluate, resume=resume)
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory to fine-tune (HF format with tokenizer.json)")
+    p.add_argument("--data", help="JSONL of {prompt, completion} or {messages} lines")
+    p.add_argument("--config", help="TOML file with SFT settings")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. max_steps=300 lr=3e-4 seq_len=256 template=compact out_dir=runs/sft")
+
+
+def config_from_args(cls, args: argparse.Namespace, extra: list[str] | None = None):
+    """Load `cls` from --config and overrides; --model sets both `model` and `init_from`."""
+    overrides = list(extra or [])
+    if getattr(args, "model", None):
+        overrides += [f"model={args.model}", f"init_from={args.model}"]
+    if getattr(args, "data", None):
+        overrides.append(f"data={args.data}")
+    cfg = load_train_config(cls, args.config, overrides + list(args.overrides))
+    if not cfg.init_from:
+        raise UserError("give the model to fine-tune with --model DIR")
+    if not Path(cfg.init_from).is_dir():
+        raise UserError(f"model directory {cfg.init_from} does not exist")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(SFTConfig, args)
+    trainer = run_sft(cfg, resume=args.resume)
+    last = trainer.history[-1] if trainer.history else {}
+    summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s")
+                        if k in last)
+    print(f"done: step {trainer.step}; {summary}")
+    print(f"model: {trainer.out_dir / 'model'}")
+    return 0
