@@ -81,7 +81,7 @@ def test_cache_bytes_per_token_is_the_latent_formula(dtype):
     assert (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2 == 70_272
 
 
-# ---------------------------------------------------------------------------------------------- parity with transformers
+# ---------------------------------------------------------------------------------------- parity with transformers
 def test_greedy_matches_transformers_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = preset("tiny", num_nextn_predict_layers=0)

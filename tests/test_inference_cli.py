@@ -93,8 +93,9 @@ def test_chat_shows_or_hides_the_reasoning(model_dir):
     from nanoseek.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    reply = ([tok.token_id("<think>")] + tok.encode(" 12 + 7 is 19") + [tok.token_id("</think>"), tok.token_id("<answer>")]
-             + tok.encode("19") + [tok.token_id("</answer>"), tok.eos_id])
+    reply = ([tok.token_id("<think>")] + tok.encode(" 12 + 7 is 19")
+             + [tok.token_id("</think>"), tok.token_id("<answer>")] + tok.encode("19")
+             + [tok.token_id("</answer>"), tok.eos_id])
     shown = {}
     for show in (True, False):
         buf = io.StringIO()

@@ -6,7 +6,7 @@ R1-style replies are `<think> reasoning </think> <answer> answer </answer>`. The
 dim and italic after a `thinking:` label (plain text when stdout is not a terminal), the answer after
 `assistant:`; `--no-think` hides the reasoning. The tags themselves are not printed. Earlier turns go
 back into the prompt without their reasoning, as DeepSeek-R1's template does.
-Commands: /reset forgets the conversation, /exit (or end of input) leaves.
+Commands: /reset forgets the conversation, /exit (or end of input) leaves; Ctrl-C cuts a reply short.
 """
 
 from __future__ import annotations
@@ -135,7 +135,11 @@ def run(args: argparse.Namespace, read_line: Callable[[str], str] | None = None)
         if args.seed is not None:
             params.seed = args.seed + turn
         view = ReplyView(console, tokenizer, show_think=not args.no_think)
-        for event in Generation(model, [prompt], params, eos_token_id=tokenizer.eos_id, speculative=args.speculative):
-            view.push(event.token_id)
+        try:
+            for event in Generation(model, [prompt], params, eos_token_id=tokenizer.eos_id,
+                                    speculative=args.speculative):
+                view.push(event.token_id)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session
+            console.print(" (interrupted)", style="dim", end="")
         session.reply(view.finish())
         turn += 1

@@ -41,6 +41,8 @@ class TokenEvent:
 
 @dataclass
 class Completion:
+    """One prompt's result. `logprobs[i]` is the log-probability of `token_ids[i]` (see
+    nanoseek.inference.sampling for which distribution); `tokens` is an alias of `token_ids`."""
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)  # including the stop token, if one ended it
     logprobs: list[float] = field(default_factory=list)  # see nanoseek.inference.sampling
@@ -74,8 +76,8 @@ def check_prompts(model, prompts: Sequence[Sequence[int]]) -> None:
         if len(p) == 0:
             raise PromptError(f"prompt {i} is empty")
         if len(p) >= cfg.max_position_embeddings:
-            raise PromptError(f"prompt {i} has {len(p)} tokens; the model's context is "
-                              f"{cfg.max_position_embeddings} (max_position_embeddings), which leaves no room to generate")
+            raise PromptError(f"prompt {i} has {len(p)} tokens; the model's context is {cfg.max_position_embeddings} "
+                              "(max_position_embeddings), which leaves no room to generate")
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise PromptError(f"prompt {i} holds token ids outside the model's vocabulary [0, {cfg.vocab_size})")
 
@@ -168,7 +170,8 @@ class Generation:
     `eos_token_id` (int or list) and `params.stop_token_ids` end a row; so do `params.stop_strings`,
     checked on `decode` of the row's latest tokens. `speculative=True` drafts with the MTP module (see
     nanoseek.inference.speculative). Grad mode is switched off only inside the compute, never across
-    a yield, so the caller's code between tokens runs in its own mode.
+    a yield, so the caller's code between tokens runs in its own mode. Put the model in eval mode
+    first (as for any inference: in training mode MoE layers would count expert loads on accelerators).
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
