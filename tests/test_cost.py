@@ -264,3 +264,20 @@ def test_unsupported_model_type(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     assert main(["cost", str(tmp_path)]) == 2
     assert "missing field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, dtype, torch_dtype", [("tiny", "fp32", "float32"), ("bench", "bf16", "bfloat16")])
+def test_kv_formula_equals_the_inference_cache_allocation(name, dtype, torch_dtype):
+    """The calculator's KV bytes/token equal what the engine's latent cache really allocates."""
+    import torch
+
+    from nanoseek.config import preset
+    from nanoseek.inference.cache import LatentKVCache
+    from nanoseek.model import DeepseekV3ForCausalLM
+
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg).to(getattr(torch, torch_dtype))
+    model.model.embed_tokens.weight = torch.nn.Parameter(torch.zeros(1, dtype=getattr(torch, torch_dtype)))
+    cache = LatentKVCache.for_model(model, batch=3, max_len=17)
+    assert cache.nbytes() / (3 * 17) == cost.kv_cache_bytes_per_token(cfg, dtype)
