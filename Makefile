@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -x -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
 	$(VENV)/bin/nanoseek demo
