@@ -27,7 +27,7 @@ from nanoseek.errors import UserError
 # Sizes: `full` fits the 10-minute budget on a 2-core CPU; `quick` is the < 2 minute smoke test.
 PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(n_task_docs=12_000, n_corpus_docs=4_000, vocab=512, seq_len=128, batch_size=16,
-                 pretrain_steps=400, model="tiny",
+                 pretrain_steps=1000, model="tiny",
                  model_overrides={"vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 4,
                                   "intermediate_size": 256, "moe_intermediate_size": 64},
                  grpo_steps=1000, grpo_minutes=2.5, group_size=8, prompts_per_step=16, max_new_tokens=40,
@@ -271,9 +271,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, < 2 minutes (the smoke test)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0 = torch's default, all cores). On a machine busy with other work, "
+                        "1 avoids OpenMP stalls that make these tiny models many times slower")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.quick and args.out == "runs/demo":
         out = Path("runs/demo-quick")
