@@ -264,6 +264,19 @@ def test_beta_zero_never_builds_a_reference(model_dir, tmp_path, monkeypatch):
     assert trainer.history[0]["kl"] == 0.0
 
 
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_every_loss_variant_runs_with_engine_logprobs(model_dir, tmp_path, variant):
+    from nanoseek.r1.grpo import run_grpo
+
+    trainer = run_grpo(grpo_cfg(model_dir, tmp_path / variant, loss=variant, max_steps=2, mu=2,
+                                old_logprobs="engine", eval_every=0, sample_every=0,
+                                max_resample=1))
+    first = trainer.history[0]
+    # pi_old from the sampler's log-probs: the first inner step's ratio is 1 up to float noise
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-3) and first["clip_frac"] == 0.0
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
+
+
 def fake_groups(task, tok, rewards_by_group):
     """Scored groups whose completions are correct (1) or malformed (0), to control rewards."""
     groups = []
@@ -376,3 +389,24 @@ def test_eval_cli_json(model_dir, capsys, tmp_path):
     assert json.loads((tmp_path / "m.jsonl").read_text())["n_problems"] == 3
     assert main(["eval", "--model", str(tmp_path / "missing"), "--task", "arithmetic"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ================================================================== experiment scripts
+
+
+def test_r1_benchmarks_quick(tmp_path):
+    """benchmarks/r1_zero.py and benchmarks/distill_vs_rl.py run end to end (--quick: seconds)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("distill_vs_rl", root / "distill_vs_rl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.main(["--quick", "--out", str(tmp_path / "distill_vs_rl")])
+    torch.set_num_threads(1)
+    zero = json.loads((tmp_path / "r1_zero" / "results.json").read_text())
+    assert zero["before"]["n_problems"] == 20 and zero["grpo"]["steps"] >= 1
+    assert "greedy_answer_accuracy" in zero["after"]
+    assert (tmp_path / "r1_zero" / "r1_zero.png").stat().st_size > 0
+    assert {"teacher", "student_base", "rl", "rl_long"} <= summary["results"].keys()
+    assert "| student base" in (tmp_path / "distill_vs_rl" / "results.md").read_text()

@@ -116,7 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--samples-out", help="write every completion to this JSONL file")
-    p.add_argument("--metrics-out", help="append the result to this JSONL file")
+    p.add_argument("--metrics-out", help="append the result to this JSONL file "
+                                         "(default: MODEL/eval.jsonl; '' = none)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -131,9 +132,13 @@ def run(args: argparse.Namespace) -> int:
                             greedy=not args.no_greedy, seed=args.seed, batch_size=args.batch_size,
                             samples_out=args.samples_out)
     result.extra["model"] = str(args.model)
-    if args.metrics_out:
-        with open(args.metrics_out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(json.loads(result.to_json())) + "\n")
+    metrics_out = Path(args.model) / "eval.jsonl" if args.metrics_out is None else args.metrics_out
+    if metrics_out:
+        settings = {k: getattr(args, k) for k in ("task", "difficulty", "task_seed", "n_test",
+                                                  "task_option", "template", "max_new_tokens",
+                                                  "temperature", "seed", "limit")}
+        with open(metrics_out, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**json.loads(result.to_json()), "settings": settings}) + "\n")
     if args.json:
         print(result.to_json())
     else:

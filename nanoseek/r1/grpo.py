@@ -178,10 +178,12 @@ class RolloutBatch:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
+        counted = self.weights > 0
         return {"input_ids": pick(self.input_ids), "attention_mask": pick(self.attention_mask),
                 "weights": pick(self.weights), "advantages": pick(self.advantages),
                 "old_logp": pick(self.old_logp), "ref_logp": pick(self.ref_logp),
-                "scale": float(parts), "stats": self.stats}
+                "scale": float(parts), "stats": self.stats,
+                "batch_tokens": int(counted.sum()), "batch_seqs": int(counted.any(1).sum())}
 
 
 def batch_tensors(groups: list[list[Scored]], prompt_ids: list[list[int]], pad_id: int,
@@ -389,15 +391,24 @@ class RolloutSource:
 
 
 def grpo_loss_fn(cfg: GRPOConfig):
-    """loss_fn(model, micro_batch) for the core: the clipped objective on one micro-batch."""
+    """loss_fn(model, micro_batch) for the core: the clipped objective on one micro-batch.
+
+    The core averages metrics over the `grad_accum` micro-batches, so every metric is reported
+    pre-scaled to make that average the whole batch's value: sums (loss, pg_loss, kl) times the
+    number of micro-batches, means (clip_frac, ratio, entropy) times this micro-batch's share of
+    the batch's tokens (gspo: sequences) times that number. A micro-batch with nothing to learn
+    (all truncated and masked) then contributes exactly zero."""
     eps_low, eps_high = cfg.clip_range
 
     def loss_fn(model, mb: dict):
         device = next(model.parameters()).device
         ids = mb["input_ids"].to(device)
         weights = mb["weights"].to(device)
-        if ids.shape[0] == 0 or not (weights > 0).any():  # nothing to learn in this micro-batch
-            return torch.zeros((), device=device, requires_grad=True), dict(mb["stats"])
+        mask = weights > 0
+        metrics = dict(mb["stats"])
+        if not mask.any():  # nothing to learn in this micro-batch
+            metrics.update(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0)
+            return torch.zeros((), device=device, requires_grad=True), metrics
         logits = model(ids, attention_mask=mb["attention_mask"].to(device)).logits
         logp, entropy = sequence_logprobs(logits, ids, cfg.temperature)
         old = mb["old_logp"].to(device) if mb["old_logp"] is not None else logp.detach()
@@ -405,12 +416,13 @@ def grpo_loss_fn(cfg: GRPOConfig):
         out = policy_loss(logp, old, mb["advantages"].to(device), weights, variant=cfg.loss,
                           eps_low=eps_low, eps_high=eps_high, beta=cfg.beta, ref_logp=ref)
         scale = mb["scale"]  # weights are normalized over the whole batch; the core divides by it
-        mask = weights > 0
-        metrics = dict(mb["stats"])
+        token_share = scale * int(mask.sum()) / mb["batch_tokens"]
+        share = scale * int(mask.any(1).sum()) / mb["batch_seqs"] if cfg.loss == "gspo" \
+            else token_share
         metrics.update(loss=out.loss.item() * scale, pg_loss=out.pg_loss.item() * scale,
-                       kl=out.kl.item() * scale, clip_frac=out.clip_frac,
-                       ratio=out.ratio_mean,
-                       entropy=(entropy[mask].mean().item() if mask.any() else 0.0))
+                       kl=out.kl.item() * scale, clip_frac=out.clip_frac * share,
+                       ratio=out.ratio_mean * share,
+                       entropy=entropy[mask].mean().item() * token_share)
         return out.loss * scale, metrics
 
     return loss_fn
@@ -439,6 +451,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
 
     if not cfg.init_from:
         raise UserError("GRPO needs a starting model: --model DIR (init_from=DIR)")
+    cfg = dataclasses.replace(cfg)  # time_limit_min may shorten max_steps: not the caller's copy
     if not Path(cfg.init_from).is_dir():
         raise UserError(f"model directory {cfg.init_from} does not exist")
     seed_everything(cfg.seed)

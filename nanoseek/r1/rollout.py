@@ -1,12 +1,10 @@
 """What the R1 commands share: loading a policy, building a task, rendering prompts, generating
 completions with per-token log-probabilities, and scoring them.
 
-Generation goes through `generate_completions`, a thin adapter: it uses the inference engine's
-batched generator when `nanoseek.inference` provides one (`nanoseek.inference.engine.generate_batch`
-returning per-row tokens, log-probs and finish reasons), and otherwise a small fallback decoder
-written here: left-padded batch, a full forward per new token (no KV cache), the engine's `Sampler`
-for token choice. The fallback is exact but O(T^2); it is meant for the short completions of the
-CPU-sized tasks (tens of tokens) and for tests.
+Generation goes through `generate_completions`, a thin adapter over the inference engine
+(`nanoseek.inference.generate`: latent KV cache, per-row seeded sampling, per-token log-probs and
+finish reasons) that adds what the R1 loops need: chunking into batches with a progress bar, seeds
+that do not depend on the chunking, eval mode for the call, and a context-length check.
 
 Log-probabilities follow `nanoseek.inference.sampling`: `log_softmax(logits / temperature)` of the
 chosen token under the *unfiltered* distribution, the same quantity `policy_logprobs` recomputes for
@@ -15,7 +13,6 @@ GRPO's ratio.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -121,25 +118,16 @@ class Completion:
         return self.finish_reason == "length"
 
 
-def _engine_generate() -> Callable | None:
-    """The inference engine's batched generator, if it is there (see module docstring)."""
-    try:
-        from nanoseek.inference import engine  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(engine, "generate_batch", None)
-
-
 @torch.no_grad()
 def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                          eos_id: int, temperature: float = 1.0, top_p: float = 1.0,
                          seed: int | None = None, batch_size: int = 64,
-                         pad_id: int = 0, progress: str | None = None) -> list[Completion]:
+                         progress: str | None = None) -> list[Completion]:
     """Sample one completion per prompt (repeat a prompt G times for a group). Row i uses seed
     `seed + i`, so a run is reproducible whatever the batching. The model is put in eval mode for
     the call (no expert-load accounting) and restored afterwards. `progress` names a progress bar
     (None: no bar)."""
-    from nanoseek.inference.sampling import SamplingParams
+    from nanoseek.inference import SamplingParams, generate
 
     if not prompts:
         return []
@@ -155,17 +143,12 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tok
     out: list[Completion] = []
     bar = progress_bar(len(prompts), progress, unit="seq")
     try:
-        engine = _engine_generate()
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start:start + batch_size]]
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p,
-                                    seed=None if seed is None else seed + start)
-            if engine is not None:
-                out += [Completion(list(r.tokens), list(r.logprobs), r.finish_reason)
-                        for r in engine(model, chunk, params, eos_id=eos_id)]
-            else:
-                out += _fallback_generate(model, chunk, params, eos_id, pad_id)
+                                    top_p=top_p, seed=None if seed is None else seed + start)
+            out += [Completion(list(r.token_ids), list(r.logprobs), r.finish_reason)
+                    for r in generate(model, chunk, params, eos_token_id=eos_id)]
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -179,39 +162,6 @@ def progress_bar(total: int, desc: str | None, unit: str = "it"):
 
     off = desc is None or os.environ.get("NANOSEEK_NO_PROGRESS") == "1"
     return tqdm(total=total, desc=desc, unit=unit, disable=off, dynamic_ncols=True, leave=False)
-
-
-def _fallback_generate(model, prompts: list[list[int]], params, eos_id: int,
-                       pad_id: int) -> list[Completion]:
-    """Left-padded batch, full forward per step. Rows that finished keep running (cheaper than
-    reshaping the batch at this size) but their tokens are ignored."""
-    from nanoseek.inference.sampling import Sampler
-
-    device = next(model.parameters()).device
-    B, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, width, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, device=device)
-        mask[i, width - len(p):] = 1
-    sampler = Sampler(params, B, device)
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    logps: list[list[float]] = [[] for _ in range(B)]
-    done = [False] * B
-    for _ in range(params.max_new_tokens):
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-        nxt, lp = sampler(logits)
-        for i in range(B):
-            if not done[i]:
-                tokens[i].append(int(nxt[i]))
-                logps[i].append(float(lp[i]))
-                done[i] = int(nxt[i]) == eos_id
-        if all(done):
-            break
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-    return [Completion(t, l, "stop" if d else "length") for t, l, d in zip(tokens, logps, done)]
 
 
 def completion_text(tokenizer, completion: Completion) -> str:
@@ -265,7 +215,7 @@ def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int
     completions = generate_completions(model, flat, max_new_tokens=max_new_tokens,
                                        eos_id=tokenizer.eos_id, temperature=temperature,
                                        top_p=top_p, seed=seed, batch_size=batch_size,
-                                       pad_id=tokenizer.pad_id, progress=progress)
+                                       progress=progress)
     out = []
     for i, problem in enumerate(problems):
         group = completions[i * n:(i + 1) * n]
@@ -275,7 +225,7 @@ def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int
 
 
 class Throughput:
-    """Tokens per second of a block of work (`with Throughput() as t: ...; t.rate(tokens)`)."""
+    """Times a block of work: `with Throughput() as t: ...`, then `t.seconds`."""
 
     def __enter__(self):
         self.t0 = time.perf_counter()
@@ -283,6 +233,3 @@ class Throughput:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
-
-    def rate(self, tokens: int) -> float:
-        return tokens / self.seconds if self.seconds > 0 else math.inf
