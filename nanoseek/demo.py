@@ -227,8 +227,9 @@ def write_report(out: Path, results: dict, s: dict, costs: list[dict]) -> Path:
 
     def samples(stage: str) -> str:
         items = results[stage]["samples"]
-        return "".join(f"<p><b>{R.html.escape(str(x.get('prompt', '')))}</b> (answer {x.get('answer')}, "
-                       f"reward {x.get('reward', x.get('correct'))})</p>{R.completion_html(str(x.get('completion', '')))}"
+        return "".join(f"<p>problem {R.html.escape(str(x.get('problem', '')))}; extracted answer "
+                       f"{R.html.escape(str(x.get('answer')))}; correct: {x.get('correct')}</p>"
+                       f"{R.completion_html(str(x.get('prompt', '')) + str(x.get('completion', '')))}"
                        for x in items)
 
     cost = R.table([""] + [r["name"] for r in costs],
