@@ -14,3 +14,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run many tiny ops: one thread is about as fast as two, and on a busy 2-core machine
+    two OpenMP threads can stall for a scheduler slice per op. Used by the decode and RL tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

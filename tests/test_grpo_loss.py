@@ -27,13 +27,7 @@ from nanoseek.r1.grpo_loss import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 A = 0.5 / (math.sqrt(0.5) + 1e-6)  # the eps in the denominator

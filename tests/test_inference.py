@@ -14,14 +14,7 @@ from nanoseek.inference.sampling import Sampler, filter_logits
 from nanoseek.inference.speculative import Drafts, _accept
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Decode runs many tiny ops; on a shared 2-core machine two OpenMP threads can stall for a whole
-    # scheduler slice per op. One thread keeps these tests fast and their timing stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides):
