@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nanoseek.errors import UserError
 
 # Sizes: `full` fits the 10-minute budget on a 2-core CPU; `quick` is the < 2 minute smoke test.
 PROFILES: dict[str, dict[str, Any]] = {
