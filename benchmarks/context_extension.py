@@ -193,17 +193,7 @@ def stage_config(p: dict, data: Path, out_dir: Path, seed: int, init: Path, seq_
 
 
 def cli_command(cfg) -> str:
-    from nanoseek.train.config import TrainConfig
-
-    default = TrainConfig()
-    parts = ["nanoseek pretrain"]
-    for k, v in cfg.to_dict().items():
-        if k == "model_overrides":
-            parts += [f"model.{mk}={json.dumps(mv)}" for mk, mv in v.items()]
-        elif v != getattr(default, k):
-            v = str(v).lower() if isinstance(v, bool) else v
-            parts.append(f"{k}={v}" if v != "" else f'{k}=""')
-    return " ".join(parts)
+    return " ".join(["nanoseek pretrain", *cfg.override_args()])
 
 
 def run_corpus(corpus: str, p: dict, out: Path, seed: int, reuse: bool = False) -> dict:

@@ -33,7 +33,7 @@ import torch
 from nanoseek.errors import UserError
 from nanoseek.model.transformer import next_token_ce
 from nanoseek.r1.rollout import tokenizer_files
-from nanoseek.r1.tasks import Problem, format_prompt
+from nanoseek.r1.tasks import Problem, format_prompt, read_jsonl_objects
 from nanoseek.train.config import TrainConfig, load_train_config
 from nanoseek.train.core import Trainer, seed_everything
 
@@ -89,29 +89,11 @@ class Example:
 def load_sft_examples(path: str | Path, tokenizer, template: str = "none") -> list[Example]:
     """Tokenize every line of an SFT JSONL file. One UserError, naming the file and line, for a
     missing file, bad JSON, missing or malformed fields, and for a file with no examples."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"SFT data {path}: no such file")
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                row = _json_row(line, f"{path}:{lineno}")
-                examples.append(example_from_row(row, tokenizer, template, f"{path}:{lineno}",
-                                                 lineno))
+    examples = [example_from_row(row, tokenizer, template, where, lineno)
+                for lineno, where, row in read_jsonl_objects(path, label="SFT data ")]
     if not examples:
         raise UserError(f"SFT data {path}: no examples (the file is empty)")
     return examples
-
-
-def _json_row(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    return row
 
 
 def example_from_row(row: dict, tokenizer, template: str, where: str, lineno: int = 0) -> Example:

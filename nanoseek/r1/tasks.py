@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from nanoseek.errors import UserError
 from nanoseek.r1.verify import VerifierStats, check_countdown, guarded_score, parse_number
@@ -294,26 +294,33 @@ def load_jsonl_problems(path: str | os.PathLike) -> list[Problem]:
 
     Raises UserError naming the file and line for a missing file, bad JSON, a non-object line,
     a missing or empty field, or a file with no problems. Blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                problems.append(_problem_from_line(line, f"{path}:{lineno}", lineno))
+    problems = [_problem_from_row(row, where, lineno) for lineno, where, row in read_jsonl_objects(path)]
     if not problems:
         raise UserError(f"{path}: no problems (the file is empty)")
     return problems
 
 
-def _problem_from_line(line: str, where: str, lineno: int) -> Problem:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def read_jsonl_objects(path: str | os.PathLike, label: str = "") -> Iterator[tuple[int, str, dict]]:
+    """(line number, "file:line", object) for each non-blank line; one UserError naming the file and
+    line for a missing file, invalid JSON or a line that is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{label}{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, where, row
+
+
+def _problem_from_row(row: dict, where: str, lineno: int) -> Problem:
     missing = [k for k in ("prompt", "answer") if k not in row]
     if missing:
         raise UserError(f"{where}: missing field {' and '.join(repr(k) for k in missing)} "

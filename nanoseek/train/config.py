@@ -114,6 +114,18 @@ class TrainConfig:
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    def override_args(self) -> list[str]:
+        """The `key=value` arguments that rebuild this config on the command line (defaults omitted)."""
+        default = type(self)()
+        args = []
+        for k, v in self.to_dict().items():
+            if k == "model_overrides":
+                args += [f"model.{mk}={json.dumps(mv)}" for mk, mv in v.items()]
+            elif v != getattr(default, k):
+                v = str(v).lower() if isinstance(v, bool) else v
+                args.append(f"{k}={v}" if v != "" else f'{k}=""')
+        return args
+
 
 def _coerce(value: str, annotation: Any, name: str) -> Any:
     """Parse an override string into the field's declared type."""
