@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file problem the command did not anticipate: still one line, no traceback
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"nanoseek {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
         return 130
