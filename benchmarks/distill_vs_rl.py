@@ -52,7 +52,8 @@ def pretrain_student(out: Path, p: dict, data: Path, student: dict, seed: int) -
 def distill(out: Path, p: dict, z, task, teacher: Path, student_base: Path, k: int,
             epochs: int, seed: int) -> tuple[Path, dict]:
     """Rejection-sample the teacher on the train split, then SFT the student base on the traces."""
-    from nanoseek.r1.distill import DistillConfig, run_distill
+    from nanoseek.r1.configs import DistillConfig
+    from nanoseek.r1.distill import run_distill
     from nanoseek.r1.rollout import load_policy
     from nanoseek.r1.sample import sample_traces, write_jsonl
 

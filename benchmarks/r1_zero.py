@@ -80,7 +80,7 @@ def pretrain(out: Path, p: dict, data: Path, seed: int) -> Path:
 
 
 def grpo_config(out: Path, p: dict, base: Path, seed: int, **overrides):
-    from nanoseek.r1.grpo import GRPOConfig
+    from nanoseek.r1.configs import GRPOConfig
 
     kw = dict(model=str(base), init_from=str(base), out_dir=str(out / "grpo"), **TASK,
               template="compact", group_size=p["group_size"], prompts_per_step=p["prompts_per_step"],
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     from nanoseek.train.config import _coerce
     import typing
 
-    from nanoseek.r1.grpo import GRPOConfig, run_grpo
+    from nanoseek.r1.configs import GRPOConfig
+    from nanoseek.r1.grpo import run_grpo
 
     p = dict(QUICK if args.quick else FULL)
     if args.minutes:

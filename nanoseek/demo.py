@@ -117,7 +117,8 @@ class Pipeline:
 
     # -- GRPO -----------------------------------------------------------------------------------------
     def grpo(self, folder: Path) -> dict:
-        from nanoseek.r1.grpo import GRPOConfig, run_grpo
+        from nanoseek.r1.configs import GRPOConfig
+        from nanoseek.r1.grpo import run_grpo
 
         p, base = self.p, self.results["pretrain"]["model"]
         cfg = GRPOConfig(model=base, init_from=base, out_dir=str(folder), **TASK, n_test=p["n_test"],

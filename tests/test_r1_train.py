@@ -147,7 +147,7 @@ def test_packing_gives_the_same_loss_as_one_example_per_sequence(model_dir, tok)
 
 
 def sft_cfg(model_dir, data, out, **kw):
-    from nanoseek.r1.sft import SFTConfig
+    from nanoseek.r1.configs import SFTConfig
 
     base = dict(model=str(model_dir), init_from=str(model_dir), data=str(data), out_dir=str(out),
                 seq_len=64, batch_size=2, max_steps=4, lr=3e-3, warmup_steps=1, save_every=2,
@@ -216,7 +216,7 @@ def test_a_verifier_that_raises_is_one_clear_error():
 
 
 def grpo_cfg(model_dir, out, **kw):
-    from nanoseek.r1.grpo import GRPOConfig
+    from nanoseek.r1.configs import GRPOConfig
 
     base = dict(model=str(model_dir), init_from=str(model_dir), out_dir=str(out), task="arithmetic",
                 n_train=20, n_test=10, group_size=4, prompts_per_step=2, max_new_tokens=8,
@@ -344,7 +344,8 @@ def test_sample_keeps_verified_traces_as_sft_data(model_dir, tok, tmp_path, scri
 
 
 def test_distill_trains_a_fresh_student_on_traces(model_dir, tok, tmp_path, scripted):
-    from nanoseek.r1.distill import DistillConfig, run_distill
+    from nanoseek.r1.configs import DistillConfig
+    from nanoseek.r1.distill import run_distill
     from nanoseek.r1.sample import sample_traces, write_jsonl
 
     task = get_task("arithmetic", n_train=6, n_test=2)

@@ -44,12 +44,12 @@ from nanoseek.r1.verify import (
 
 # name -> submodule, imported on first access (PEP 562), so `import nanoseek.r1` stays torch-free
 _LAZY = {
-    "SFTConfig": "sft", "run_sft": "sft", "load_sft_examples": "sft",
-    "GRPOConfig": "grpo", "run_grpo": "grpo",
+    "SFTConfig": "configs", "run_sft": "sft", "load_sft_examples": "sft",
+    "GRPOConfig": "configs", "run_grpo": "grpo",
     "group_advantages": "grpo_loss", "policy_loss": "grpo_loss", "token_weights": "grpo_loss",
     "k3_kl": "grpo_loss",
     "evaluate_model": "evaluate", "sample_traces": "sample",
-    "DistillConfig": "distill", "run_distill": "distill",
+    "DistillConfig": "configs", "run_distill": "distill",
     "load_policy": "rollout", "generate_completions": "rollout",
     "score_completion": "rollout",
 }

@@ -14,21 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.errors import UserError
-from nanoseek.r1.sft import SFTConfig, run_sft
+from nanoseek.r1.configs import DistillConfig
+from nanoseek.r1.sft import run_sft
 from nanoseek.train.config import load_train_config
 from nanoseek.train.core import Trainer
-
-
-@dataclass
-class DistillConfig(SFTConfig):
-    """SFTConfig whose `model` is the student spec (preset, config.json or model directory)."""
-
-    out_dir: str = "runs/distill"
-    model: str = "tiny"
 
 
 def teacher_dir_from_traces(path: str | Path) -> str:

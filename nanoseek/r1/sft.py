@@ -33,46 +33,10 @@ import torch
 from nanoseek.errors import UserError
 from nanoseek.model.transformer import next_token_ce
 from nanoseek.r1.rollout import tokenizer_files
+from nanoseek.r1.configs import SFTConfig
 from nanoseek.r1.tasks import Problem, format_prompt, read_jsonl_objects
-from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.config import load_train_config
 from nanoseek.train.core import Trainer, seed_everything
-
-SFT_TEMPLATES = ("none", "r1_zero", "compact", "chat")
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """TrainConfig plus the SFT data settings. `model`/`init_from` name the model directory to
-    fine-tune (`--model` sets both); `data` is the JSONL file."""
-
-    data: str = ""
-    out_dir: str = "runs/sft"
-    template: str = "none"  # how a "prompt" is rendered: none (as is) | r1_zero | compact | chat
-    tokenizer: str = ""  # tokenizer directory; default: the model directory
-    val_fraction: float = 0.0  # share of examples held out for val_loss
-    epochs: int = 0  # > 0: sets max_steps to this many passes over the data
-    pack: bool = True  # several examples per sequence (isolated by the attention mask)
-    too_long: str = "error"  # an example longer than seq_len: error | skip
-    lr: float = 5e-4
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    max_steps: int = 200
-    eval_every: int = 50
-    save_every: int = 100
-    sample_prompt: str = ""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.template not in SFT_TEMPLATES:
-            raise UserError(f"invalid setting `template` = {self.template!r}: choose one of "
-                            f"{', '.join(SFT_TEMPLATES)}")
-        if self.too_long not in ("error", "skip"):
-            raise UserError(f"invalid setting `too_long` = {self.too_long!r}: error or skip")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"invalid setting `val_fraction` = {self.val_fraction}: must be in [0, 1)")
-        if self.epochs < 0:
-            raise UserError(f"invalid setting `epochs` = {self.epochs}: must be >= 0")
-
 
 # ================================================================== examples
 
