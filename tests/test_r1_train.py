@@ -287,7 +287,7 @@ def fake_groups(task, tok, rewards_by_group):
 
 
 def test_dapo_dynamic_sampling_drops_all_equal_groups(model_dir, tok, tmp_path, monkeypatch):
-    import nanoseek.r1.grpo as grpo
+    import nanoseek.r1.grpo_batches as grpo_batches
     from nanoseek.hf import from_pretrained
 
     task = get_task("arithmetic", n_train=8, n_test=2)
@@ -295,11 +295,11 @@ def test_dapo_dynamic_sampling_drops_all_equal_groups(model_dir, tok, tmp_path, 
                    max_resample=1, mask_truncated=True, beta=0.0, mu=1, grad_accum=1)
     assert cfg.clip_range == (0.2, 0.28) and cfg.uses_dynamic_sampling
     rounds = iter([[[1, 1], [0, 1]], [[0, 0], [1, 0]]])  # round 1 keeps one group, round 2 another
-    monkeypatch.setattr(grpo.RolloutSource, "sample_groups",
+    monkeypatch.setattr(grpo_batches.RolloutSource, "sample_groups",
                         lambda self, r: fake_groups(task, tok, next(rounds)))
     trainer = SimpleNamespace(model=from_pretrained(model_dir), device=torch.device("cpu"),
                               tokens_per_step=0)
-    batch = grpo.RolloutSource(cfg, trainer, tok, task).new_batch()
+    batch = grpo_batches.RolloutSource(cfg, trainer, tok, task).new_batch()
     assert batch.input_ids.shape[0] == 4  # 2 informative groups x 2
     assert batch.advantages.tolist() == pytest.approx([-0.7071, 0.7071, 0.7071, -0.7071], abs=1e-3)
     assert batch.stats["groups_kept"] == 1.0 and batch.stats["accuracy"] == 0.5

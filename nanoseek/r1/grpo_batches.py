@@ -1,0 +1,252 @@
+"""GRPO's batch source for the training core: rollout batches drawn from the live policy.
+
+Every `mu` optimizer steps `RolloutSource` draws a new rollout batch: `prompts_per_step` training
+problems x `group_size` samples from the current policy (through `rollout.py`), rewards from the
+task's verifier and `RewardConfig`, group-normalized advantages, and, when needed, pi_old and pi_ref
+log-probabilities. The batch is split into `grad_accum` micro-batches; token weights are normalized
+over the whole batch, so the split does not change the gradient.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.errors import UserError
+from nanoseek.r1.configs import GRPOConfig
+from nanoseek.r1.grpo_loss import group_advantages, informative_groups, sequence_logprobs, token_weights
+from nanoseek.r1.rollout import Scored, Throughput, rollout
+from nanoseek.r1.tasks import Task
+from nanoseek.train.core import Trainer
+
+
+@dataclass
+class RolloutBatch:
+    """A scored rollout batch as tensors, ready to split into micro-batches. Token-aligned [N, T]
+    tensors: position t holds token t and (for logp tensors) log p(token t | tokens < t)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    weights: torch.Tensor  # token weights of the loss variant (0 off the completion)
+    advantages: torch.Tensor  # [N]
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    stats: dict[str, float]
+    samples: list[dict]  # decoded completions for the sample table
+
+    def micro(self, index: int, parts: int) -> dict:
+        rows = torch.tensor_split(torch.arange(self.input_ids.shape[0]), parts)[index]
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        counted = self.weights > 0
+        return {"input_ids": pick(self.input_ids), "attention_mask": pick(self.attention_mask),
+                "weights": pick(self.weights), "advantages": pick(self.advantages),
+                "old_logp": pick(self.old_logp), "ref_logp": pick(self.ref_logp),
+                "scale": float(parts), "stats": self.stats,
+                "batch_tokens": int(counted.sum()), "batch_seqs": int(counted.any(1).sum())}
+
+
+def batch_tensors(groups: list[list[Scored]], prompt_ids: list[list[int]], pad_id: int,
+                  mask_truncated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded [prompt | completion | pad] ids, attention mask, and the completion mask
+    (token-aligned; zero for truncated completions when `mask_truncated`)."""
+    rows = [(p, s.completion) for p, g in zip(prompt_ids, groups) for s in g]
+    width = max(len(p) + len(c.tokens) for p, c in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), width, dtype=torch.long)
+    comp = torch.zeros(len(rows), width)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c.tokens)
+        ids[i, :n] = torch.tensor(p + c.tokens)
+        attn[i, :n] = 1
+        if not (mask_truncated and c.truncated):
+            comp[i, len(p):n] = 1
+    return ids, attn, comp
+
+
+def rollout_stats(groups: list[list[Scored]], seconds: float) -> dict[str, float]:
+    """Reward and completion statistics over every sampled completion (before any filtering)."""
+    flat = [s for g in groups for s in g]
+    total = torch.tensor([s.rewards["total"] for s in flat])
+    lengths = [len(s.completion.tokens) for s in flat]
+    n = len(flat)
+    return {
+        "reward": total.mean().item(),
+        "reward_std": total.std().item() if n > 1 else 0.0,
+        "accuracy": sum(s.sample.correct for s in flat) / n,
+        "format": sum(s.sample.well_formed for s in flat) / n,
+        "response_length": sum(lengths) / n,
+        "truncated": sum(s.completion.truncated for s in flat) / n,
+        "gen_tokens_per_s": sum(lengths) / max(seconds, 1e-9),
+    }
+
+
+def sample_rows(groups: list[list[Scored]], n: int) -> list[dict]:
+    """Up to n completions spread over the batch, for the table and samples.jsonl."""
+    flat = [s for g in groups for s in g]
+    if not flat or n <= 0:
+        return []
+    picks = sorted({round(i * (len(flat) - 1) / max(1, n - 1)) for i in range(n)})
+    return [{"prompt": flat[i].prompt, "completion": flat[i].text,
+             "reward": round(flat[i].rewards["total"], 4),
+             "accuracy": flat[i].rewards["accuracy"], "format": flat[i].rewards["format"],
+             "tokens": len(flat[i].completion.tokens),
+             "finish_reason": flat[i].completion.finish_reason} for i in picks]
+
+
+class RolloutSource:
+    """Batch source for the core: rollout batches from the live policy, reused for `mu` steps.
+
+    State for exact resume: the number of rollout batches drawn (which fixes every sampling seed),
+    the prompt cursor, and the current batch with the position inside it."""
+
+    def __init__(self, cfg: GRPOConfig, trainer: Trainer, tokenizer, task: Task,
+                 ref_model=None):
+        self.cfg, self.trainer, self.tok, self.task = cfg, trainer, tokenizer, task
+        self.ref = ref_model
+        self.reward_cfg = cfg.reward_config()
+        if not task.train:
+            raise UserError(f"task {task.name!r} has no training problems")
+        self.rollouts = 0  # rollout batches drawn so far
+        self.cursor = 0  # training prompts consumed (endless, reshuffled every epoch)
+        self.pos = 0  # micro-batches served from `batch`
+        self.batch: RolloutBatch | None = None
+        self._epoch, self._perm = -1, []  # cached prompt order of the current epoch
+        self._started: float | None = None  # for time_limit_min
+
+    # -------------------------------------------------------------- the core's interface
+    def next_batch(self) -> dict:
+        cfg = self.cfg
+        if self.batch is None or self.pos >= cfg.mu * cfg.grad_accum:
+            self.batch, self.pos = self.new_batch(), 0
+        micro_index = self.pos % cfg.grad_accum
+        if micro_index == 0:  # the core reads tokens_per_step after the step: count real tokens
+            self.trainer.tokens_per_step = int(self.batch.attention_mask.sum())
+            self.check_time_limit()
+        self.pos += 1
+        return self.batch.micro(micro_index, cfg.grad_accum)
+
+    def check_time_limit(self) -> None:
+        """With `time_limit_min`, make the current step the last one once the budget is spent; the
+        core then evaluates, checkpoints and exports as at a normal end."""
+        if not self.cfg.time_limit_min:
+            return
+        clock = time.process_time if self.cfg.time_limit_cpu else time.perf_counter
+        if self._started is None:
+            self._started = clock()
+        if clock() - self._started > 60 * self.cfg.time_limit_min:
+            self.trainer.cfg.max_steps = min(self.trainer.cfg.max_steps, self.trainer.step + 1)
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts, "cursor": self.cursor, "pos": self.pos,
+                "batch": self.batch, "signature": self.signature()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("signature") != self.signature():
+            raise UserError("cannot resume GRPO: the task or rollout settings changed since the "
+                            f"checkpoint ({state.get('signature')} vs {self.signature()})")
+        self.rollouts, self.cursor, self.pos = state["rollouts"], state["cursor"], state["pos"]
+        self.batch = state["batch"]
+
+    def signature(self) -> dict:
+        c = self.cfg
+        return {"task": c.task, "difficulty": c.difficulty, "task_seed": c.task_seed,
+                "n_train": len(self.task.train), "group_size": c.group_size,
+                "prompts_per_step": c.prompts_per_step, "mu": c.mu, "grad_accum": c.grad_accum}
+
+    # -------------------------------------------------------------- drawing a batch
+    def next_problems(self, n: int) -> list:
+        """The next n training problems of a seeded order that is reshuffled every epoch."""
+        train = self.task.train
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.cursor, len(train))
+            out.append(train[self._order(epoch)[i]])
+            self.cursor += 1
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch != epoch:
+            self._perm = list(range(len(self.task.train)))
+            random.Random(f"grpo-prompts:{self.cfg.seed}:{epoch}").shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm
+
+    def sample_groups(self, round_: int) -> list[list[Scored]]:
+        cfg = self.cfg
+        seed = random.Random(f"grpo-sample:{cfg.seed}:{self.rollouts}:{round_}").getrandbits(40)
+        return rollout(self.trainer.model, self.tok, self.task,
+                       self.next_problems(cfg.prompts_per_step), n=cfg.group_size,
+                       template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+                       reward_cfg=self.reward_cfg, batch_size=cfg.rollout_batch_size)
+
+    def new_batch(self) -> RolloutBatch:
+        """Sample, score, (dynamic sampling: keep informative groups, resample to refill), then
+        advantages, weights and the pi_old / pi_ref log-probs."""
+        cfg = self.cfg
+        G = cfg.group_size
+        every: list[list[Scored]] = []
+        kept: list[list[Scored]] = []
+        with Throughput() as timer:
+            for round_ in range(1 + (cfg.max_resample if cfg.uses_dynamic_sampling else 0)):
+                groups = self.sample_groups(round_)
+                every += groups
+                if cfg.uses_dynamic_sampling:
+                    rewards = torch.tensor([[s.rewards["total"] for s in g] for g in groups])
+                    keep = informative_groups(rewards.view(-1), G).tolist()
+                    kept += [g for g, k in zip(groups, keep) if k]
+                else:
+                    kept += groups
+                if len(kept) >= cfg.prompts_per_step:
+                    break
+        self.rollouts += 1
+        stats = rollout_stats(every, timer.seconds)
+        stats["groups_kept"] = min(len(kept), cfg.prompts_per_step) / cfg.prompts_per_step
+        stats["rollout_s"] = timer.seconds
+        stats["verifier_failures"] = self.task.stats.errors + self.task.stats.timeouts
+        if not kept:  # nothing informative: train on the last groups (zero advantage, KL only)
+            kept = groups
+        kept = kept[:cfg.prompts_per_step]
+        return self.tensorize(kept, stats, sample_rows(every, cfg.show_samples))
+
+    def tensorize(self, groups: list[list[Scored]], stats: dict, samples: list) -> RolloutBatch:
+        cfg = self.cfg
+        prompt_ids = [self.tok.encode(g[0].prompt) for g in groups]
+        ids, attn, comp = batch_tensors(groups, prompt_ids, self.tok.pad_id, cfg.mask_truncated)
+        rewards = torch.tensor([s.rewards["total"] for g in groups for s in g])
+        adv = group_advantages(rewards, cfg.group_size, scale_std=cfg.loss != "dr_grpo")
+        weights = token_weights(comp, cfg.loss, cfg.max_new_tokens)
+        old = self.old_logprobs(groups, ids, attn, comp) if cfg.mu > 1 else None
+        ref = self.logprobs_of(self.ref, ids, attn) if self.ref is not None else None
+        return RolloutBatch(ids, attn, weights, adv, old, ref, stats, samples)
+
+    def old_logprobs(self, groups, ids, attn, comp) -> torch.Tensor:
+        if self.cfg.old_logprobs == "recompute":
+            return self.logprobs_of(self.trainer.model, ids, attn)
+        old = torch.zeros(ids.shape)
+        rows = [s.completion for g in groups for s in g]
+        for i, c in enumerate(rows):
+            start = int(attn[i].sum()) - len(c.tokens)
+            old[i, start:start + len(c.tokens)] = torch.tensor(c.logprobs)
+        return old
+
+    @torch.no_grad()
+    def logprobs_of(self, model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Token log-probs under `model` (no grad, eval mode), computed micro-batch by
+        micro-batch with the same split the loss uses, so shapes (and float rounding) match."""
+        was = model.training
+        model.eval()
+        device = self.trainer.device
+        parts = []
+        for rows in torch.tensor_split(torch.arange(ids.shape[0]), self.cfg.grad_accum):
+            logits = model(ids[rows].to(device), attention_mask=attn[rows].to(device)).logits
+            parts.append(sequence_logprobs(logits, ids[rows].to(device),
+                                           self.cfg.temperature)[0].cpu())
+        model.train(was)
+        return torch.cat(parts)

@@ -1,0 +1,47 @@
+"""GRPO's loss function for the training core: one micro-batch of a rollout batch through the
+clipped objective of `grpo_loss` (log pi_theta recomputed with gradients)."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoseek.r1.configs import GRPOConfig
+from nanoseek.r1.grpo_loss import policy_loss, sequence_logprobs
+
+
+def grpo_loss_fn(cfg: GRPOConfig):
+    """loss_fn(model, micro_batch) for the core: the clipped objective on one micro-batch.
+
+    The core averages metrics over the `grad_accum` micro-batches, so every metric is reported
+    pre-scaled to make that average the whole batch's value: sums (loss, pg_loss, kl) times the
+    number of micro-batches, means (clip_frac, ratio, entropy) times this micro-batch's share of
+    the batch's tokens (gspo: sequences) times that number. A micro-batch with nothing to learn
+    (all truncated and masked) then contributes exactly zero."""
+    eps_low, eps_high = cfg.clip_range
+
+    def loss_fn(model, mb: dict):
+        device = next(model.parameters()).device
+        ids = mb["input_ids"].to(device)
+        weights = mb["weights"].to(device)
+        mask = weights > 0
+        metrics = dict(mb["stats"])
+        if not mask.any():  # nothing to learn in this micro-batch
+            metrics.update(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0)
+            return torch.zeros((), device=device, requires_grad=True), metrics
+        logits = model(ids, attention_mask=mb["attention_mask"].to(device)).logits
+        logp, entropy = sequence_logprobs(logits, ids, cfg.temperature)
+        old = mb["old_logp"].to(device) if mb["old_logp"] is not None else logp.detach()
+        ref = mb["ref_logp"].to(device) if mb["ref_logp"] is not None else None
+        out = policy_loss(logp, old, mb["advantages"].to(device), weights, variant=cfg.loss,
+                          eps_low=eps_low, eps_high=eps_high, beta=cfg.beta, ref_logp=ref)
+        scale = mb["scale"]  # weights are normalized over the whole batch; the core divides by it
+        token_share = scale * int(mask.sum()) / mb["batch_tokens"]
+        share = scale * int(mask.any(1).sum()) / mb["batch_seqs"] if cfg.loss == "gspo" \
+            else token_share
+        metrics.update(loss=out.loss.item() * scale, pg_loss=out.pg_loss.item() * scale,
+                       kl=out.kl.item() * scale, clip_frac=out.clip_frac * share,
+                       ratio=out.ratio_mean * share,
+                       entropy=entropy[mask].mean().item() * token_share)
+        return out.loss * scale, metrics
+
+    return loss_fn
