@@ -34,7 +34,8 @@ from nanoseek.errors import UserError
 from nanoseek.model.transformer import next_token_ce
 from nanoseek.r1.rollout import tokenizer_files
 from nanoseek.r1.configs import SFTConfig
-from nanoseek.r1.tasks import Problem, format_prompt, read_jsonl_objects
+from nanoseek.r1.tasks import Problem, format_prompt
+from nanoseek.r1.tasks.jsonl_task import read_jsonl_objects
 from nanoseek.train.config import load_train_config
 from nanoseek.train.core import Trainer, seed_everything
 
@@ -86,7 +87,7 @@ def _chat_example(messages: Any, tokenizer, where: str, lineno: int) -> Example:
     eos tokens are special and split the text."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list")
-    from nanoseek.tokenizer import ROLE_TOKENS
+    from nanoseek.data.tokenizer import ROLE_TOKENS
 
     ids, target = [tokenizer.bos_id], [False]
     for i, m in enumerate(messages):
@@ -302,7 +303,7 @@ def resolve_tokenizer_dir(cfg: SFTConfig) -> Path:
 def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
     """Fine-tune `cfg.init_from` (or a fresh `cfg.model`) on `cfg.data` with the shared core;
     returns the Trainer (history, out_dir/model = the exported result)."""
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.train.pretrain import build_model, train_flops_per_token
 
     if not cfg.data:
