@@ -46,7 +46,7 @@ QUICK = dict(model="tiny", n_docs=300, vocab=300, seq_len=32, batch_size=4, step
 
 def prepare_data(root: Path, n_docs: int, vocab: int, seed: int) -> Path:
     from nanoseek.data import prepare, synthetic_corpus, write_corpus
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data.tokenizer import train_tokenizer
 
     data = root / "data"
     if (data / "manifest.json").exists():

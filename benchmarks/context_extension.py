@@ -59,16 +59,16 @@ def long_corpus(n_docs: int, seed: int = 0) -> list[str]:
     (names, animals, adjectives, objects, numbers 0-39), so a repeat is predictable only by copying the
     previous statement, which is ~10-350 tokens back: about a third of the repeats are within L = 128
     tokens (where the model can learn to copy), the rest only reachable with a longer context."""
-    from nanoseek.data import _ADJECTIVES, _ANIMALS, _NAMES, _OBJECTS, _fact, _sentence
+    from nanoseek.data.synthetic import ADJECTIVES, ANIMALS, NAMES, OBJECTS, statement
 
-    pool = _NAMES + _ANIMALS + _ADJECTIVES + _OBJECTS + [str(n) for n in range(40)]
+    pool = NAMES + ANIMALS + ADJECTIVES + OBJECTS + [str(n) for n in range(40)]
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
         passage = " ".join(rng.choice(pool) for _ in range(rng.randint(10, 16)))
         parts = [f"Remember: {passage}."]
         for _ in range(rng.randint(3, 5)):
-            parts += [(_fact if rng.random() < 0.3 else _sentence)(rng) for _ in range(rng.randint(1, 30))]
+            parts += [statement(rng) for _ in range(rng.randint(1, 30))]
             parts.append(f"Remember: {passage}.")
         docs.append(" ".join(parts))
     return docs
@@ -76,7 +76,7 @@ def long_corpus(n_docs: int, seed: int = 0) -> list[str]:
 
 def prepare_data(root: Path, corpus: str, n_docs: int, vocab: int, seed: int) -> Path:
     from nanoseek.data import prepare, synthetic_corpus, write_corpus
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data.tokenizer import train_tokenizer
 
     data = root / "data"
     if (data / "manifest.json").exists():
@@ -128,7 +128,7 @@ def repeat_classes(data: Path, seq_len: int, n_tokens: int, L: int) -> dict[str,
     import numpy as np
 
     from nanoseek.data import TokenLoader
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(data / "tokenizer")
     marker = np.array(tok.encode(" Remember:"))  # pre-tokenization splits words, so these ids are fixed

@@ -51,7 +51,7 @@ QUICK = dict(n_task_docs=400, n_corpus_docs=200, vocab=300, seq_len=64, batch_si
 def prepare_data(out: Path, p: dict, task, seed: int) -> Path:
     from nanoseek.data import prepare, write_corpus
     from nanoseek.r1.corpus import pretraining_corpus
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data.tokenizer import train_tokenizer
 
     data = out / "data"
     if (data / "manifest.json").exists():

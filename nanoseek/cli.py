@@ -14,8 +14,8 @@ from nanoseek.errors import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nanoseek.demo", "run the whole V3 -> R1 pipeline in miniature and write a report"),
-    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer"),
-    "data": ("nanoseek.data", "prepare token shards from text / jsonl / parquet"),
+    "tokenizer": ("nanoseek.data.tokenizer_cli", "train a byte-level BPE tokenizer"),
+    "data": ("nanoseek.data.cli", "prepare token shards from text / jsonl / parquet"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a model (TOML config + key=value overrides)"),
     "sft": ("nanoseek.r1.sft", "supervised fine-tuning (cold start, distillation)"),
     "grpo": ("nanoseek.r1.grpo", "GRPO reinforcement learning on a verifiable task"),

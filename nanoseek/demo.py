@@ -74,7 +74,7 @@ class Pipeline:
     def data(self, folder: Path) -> dict:
         from nanoseek.data import prepare, write_corpus
         from nanoseek.r1.corpus import pretraining_corpus
-        from nanoseek.tokenizer import train_tokenizer
+        from nanoseek.data.tokenizer import train_tokenizer
 
         docs = pretraining_corpus(self.task(), self.p["n_task_docs"], self.p["n_corpus_docs"], self.seed)
         corpus = write_corpus(docs, folder / "corpus.jsonl")

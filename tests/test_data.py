@@ -12,14 +12,15 @@ import tokenizers
 import torch
 from tokenizers import models, pre_tokenizers
 
-import nanoseek.data as data
+import nanoseek.data.preparation as prepare_module
 from nanoseek import cli
 from nanoseek.data import (
-    TokenLoader, choose_dtype, is_val_doc, iter_documents, prepare, read_manifest, synthetic_corpus,
-    verify_dataset, write_corpus,
+    TokenLoader, iter_documents, prepare, read_manifest, synthetic_corpus, verify_dataset, write_corpus,
 )
+from nanoseek.data.encoding import choose_dtype
+from nanoseek.data.preparation import is_val_doc
+from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.errors import UserError
-from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 
 DOCS = synthetic_corpus(600, seed=0)
 
@@ -189,7 +190,7 @@ def test_interrupted_prepare_keeps_old_data_and_leaves_no_partials(tmp_path, tok
     out = tmp_path / "out"
     prepare([src], tok, out, shard_tokens=3000, workers=1, progress=False)
     before = read_manifest(out)
-    real = data.iter_documents
+    real = prepare_module.iter_documents
 
     def interrupted(*args, **kw):
         for i, doc in enumerate(real(*args, **kw)):
@@ -197,7 +198,7 @@ def test_interrupted_prepare_keeps_old_data_and_leaves_no_partials(tmp_path, tok
                 raise KeyboardInterrupt
             yield doc
 
-    monkeypatch.setattr(data, "iter_documents", interrupted)
+    monkeypatch.setattr(prepare_module, "iter_documents", interrupted)
     for target in (out, tmp_path / "fresh"):
         with pytest.raises(KeyboardInterrupt):
             prepare([src], tok, target, shard_tokens=1000, workers=1, progress=False)
@@ -291,7 +292,8 @@ def test_corruption_is_detected(dataset, tmp_path):
     with pytest.raises(UserError, match="checksum mismatch"):
         TokenLoader(out, seq_len=16)
     TokenLoader(out, seq_len=16, verify=False)  # skipping verification is allowed
-    TokenLoader(out, split="val", seq_len=16)  # val shards are intact
+    with pytest.raises(UserError, match="checksum mismatch"):  # verify checks the whole dataset
+        TokenLoader(out, split="val", seq_len=16)
     shard.write_bytes(bytes(raw[:-2]))
     with pytest.raises(UserError, match="truncated"):
         TokenLoader(out, seq_len=16, verify=False)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     corpus = root / "corpus.txt"
@@ -85,7 +85,7 @@ def test_chat_shows_or_hides_the_reasoning(model_dir):
     from rich.console import Console
 
     from nanoseek.inference.chat import ReplyView
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     reply = ([tok.token_id("<think>")] + tok.encode(" 12 + 7 is 19")
@@ -106,7 +106,7 @@ def test_chat_shows_or_hides_the_reasoning(model_dir):
 def test_chat_session_drops_old_turns_to_fit(model_dir):
     from nanoseek.errors import UserError
     from nanoseek.inference.chat import ChatSession
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     session = ChatSession(tok, context=120)

@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
     from nanoseek.data import synthetic_corpus, write_corpus
     from nanoseek.hf import save_pretrained
     from nanoseek.model import DeepseekV3ForCausalLM
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("r1")
     corpus = write_corpus(synthetic_corpus(200, seed=0) +
@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(model_dir):
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir)
 
@@ -91,7 +91,7 @@ def test_sft_targets_are_completion_and_eos_only(tok, tmp_path):
                                         {"role": "user", "content": "hi"},
                                         {"role": "assistant", "content": "hello"}],
                                        add_generation_prompt=False)
-    assert chat.ids == tok.encode(rendered)
+    assert chat.ids == tok.encode(rendered, special=True)
     learned = [i for i, t in zip(chat.ids, chat.target) if t]
     assert learned == tok.encode("hello") + [tok.eos_id]
     # a template renders the prompt field (compact uses the "compact" field of the line)

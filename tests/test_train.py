@@ -16,7 +16,7 @@ from nanoseek.train.pretrain import run_pretraining
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from nanoseek.data import prepare, synthetic_corpus, write_corpus
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("pt")
     corpus = root / "corpus.jsonl"

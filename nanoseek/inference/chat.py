@@ -87,7 +87,7 @@ class ChatSession:
         self.turns.append({"role": "user", "content": user})
         while True:
             text = self.tok.apply_chat_template(self.system + self.turns, add_generation_prompt=True)
-            ids = self.tok.encode(text)
+            ids = self.tok.encode(text, special=True)
             if len(ids) + room <= self.context or len(ids) < self.context and len(self.turns) == 1:
                 return ids
             if len(self.turns) == 1:

@@ -27,7 +27,7 @@ def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str | None = None, d
     The tokenizer and config are checked before the weights are read."""
     import nanoseek
     from nanoseek.config import ModelConfig
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     if chat:
-        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+        return tokenizer.encode_chat([{"role": "user", "content": text}])
     return [tokenizer.eos_id] + tokenizer.encode(text)
 
 

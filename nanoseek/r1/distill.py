@@ -55,7 +55,7 @@ def student_config(cfg: DistillConfig) -> DistillConfig:
                         "the teacher)")
     overrides = dict(cfg.model_overrides)
     if "vocab_size" not in overrides:
-        from nanoseek.tokenizer import load_tokenizer
+        from nanoseek.data.tokenizer import load_tokenizer
 
         overrides["vocab_size"] = load_tokenizer(tokenizer).vocab_size
     return replace(cfg, tokenizer=tokenizer, init_from="", model_overrides=overrides)

@@ -43,7 +43,7 @@ from nanoseek.r1.grpo_objective import grpo_loss_fn
 from nanoseek.r1.grpo_report import greedy_eval, write_samples
 from nanoseek.r1.rollout import render_prompt, tokenizer_files
 from nanoseek.r1.sft import config_from_args, resolve_tokenizer_dir
-from nanoseek.tokenizer import load_tokenizer
+from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.train.core import Trainer, seed_everything
 from nanoseek.train.pretrain import build_model, train_flops_per_token
 
@@ -73,7 +73,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
     # seq_len is not a GRPO setting: sequences are prompt + max_new_tokens, checked at generation
     model = build_model(dataclasses.replace(cfg, seq_len=2), tokenizer.vocab_size)
     context = cfg.max_new_tokens + max(len(tokenizer.encode(render_prompt(p, cfg.template,
-                                                                          tokenizer)))
+                                                                          tokenizer), special=True))
                                        for p in task.train[:50])
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, context),
                       cfg.prompts_per_step * cfg.group_size * context,

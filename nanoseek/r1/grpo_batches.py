@@ -217,7 +217,7 @@ class RolloutSource:
 
     def tensorize(self, groups: list[list[Scored]], stats: dict, samples: list) -> RolloutBatch:
         cfg = self.cfg
-        prompt_ids = [self.tok.encode(g[0].prompt) for g in groups]
+        prompt_ids = [self.tok.encode(g[0].prompt, special=True) for g in groups]
         ids, attn, comp = batch_tensors(groups, prompt_ids, self.tok.pad_id, cfg.mask_truncated)
         rewards = torch.tensor([s.rewards["total"] for g in groups for s in g])
         adv = group_advantages(rewards, cfg.group_size, scale_std=cfg.loss != "dr_grpo")

@@ -35,7 +35,7 @@ def load_policy(model_dir: str | Path, device: str | torch.device = "cpu",
     """(model, tokenizer) from an HF-format directory holding tokenizer.json, with one clear
     UserError for a missing directory or tokenizer."""
     from nanoseek.hf import from_pretrained
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -210,7 +210,7 @@ def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int
             progress: str | None = None) -> list[list[Scored]]:
     """`n` scored completions for each problem (greedy when temperature is 0: then use n = 1)."""
     prompts = [render_prompt(p, template, tokenizer) for p in problems]
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = [tokenizer.encode(p, special=True) for p in prompts]
     flat = [x for x in ids for _ in range(n)]
     completions = generate_completions(model, flat, max_new_tokens=max_new_tokens,
                                        eos_id=tokenizer.eos_id, temperature=temperature,

@@ -76,7 +76,7 @@ def example_from_row(row: dict, tokenizer, template: str, where: str, lineno: in
         meta = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
         prompt = format_prompt(Problem(prompt, str(row.get("answer", "")), meta), template,
                                tokenizer.apply_chat_template)
-    head = tokenizer.encode(prompt)
+    head = tokenizer.encode(prompt, special=True)
     tail = tokenizer.encode(completion) + [tokenizer.eos_id]
     return Example(head + tail, [False] * len(head) + [True] * len(tail), lineno)
 

@@ -93,7 +93,7 @@ def sample_text(model: DeepseekV3ForCausalLM, tokenizer_dir: Path, prompt: str, 
     """A short greedy continuation, logged so a run shows what the model has learned."""
     if not prompt or not (tokenizer_dir / "tokenizer.json").exists():
         return ""
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     ids = torch.tensor([tok.encode(prompt)], device=device)

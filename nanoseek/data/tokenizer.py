@@ -12,14 +12,22 @@ Design choices (why):
   drops them. The reasoning tags (`<think>`, `</think>`, `<answer>`, `</answer>`) are atomic added tokens
   but *not* special, as in DeepSeek-R1's tokenizer, so decoded completions keep them and reward
   functions can parse them.
-- Special tokens are matched in any text passed to `encode`, so chat-formatted data can be encoded as is.
+- Text is untrusted by default: `encode(text)` spells control tokens typed in the text (`<|eos|>`,
+  `<|system|>`, ...) as plain characters, so a user cannot forge a turn boundary or a system message.
+  Control ids enter a sequence only structurally (`encode_chat`, `add_bos`, the EOS `data prepare`
+  appends) or through the explicit opt-in `encode(text, special=True)` for text the caller wrote itself.
+  The reasoning tags are single tokens either way.
 - `encode` never adds tokens on its own; `add_bos=True` prepends `<|bos|>`.
 
 Chat format (the same in Python and in the Jinja template):
 
     <|bos|><|system|>SYSTEM<|eos|><|user|>QUESTION<|eos|><|assistant|>ANSWER<|eos|>
 
-and, with `add_generation_prompt`, a trailing `<|assistant|>` for the model to continue.
+and, with `add_generation_prompt`, a trailing `<|assistant|>` for the model to continue. `encode_chat`
+builds the same ids structurally; `apply_chat_template` renders the string (for display and for
+`transformers`).
+
+The CLI (`nanoseek tokenizer train|encode`) lives in `nanoseek.data.tokenizer_cli`.
 
 Loading someone else's `tokenizer.json` works: special tokens it lacks are appended to its vocabulary
 (with a warning) unless `add_missing=False`, which raises a `UserError` naming them instead.
@@ -27,17 +35,17 @@ Loading someone else's `tokenizer.json` works: special tokens it lacks are appen
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
-from nanoseek.errors import UserError
+from nanoseek.data.readers import check_input_files, iter_documents
+from nanoseek.errors import UserError, require, warn
+from nanoseek.files import write_json, write_text
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -45,7 +53,8 @@ THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</ans
 
 #: Dropped by `decode(skip_special=True)`. The order fixes their ids: pad=0, bos=1, eos=2, ...
 CONTROL_TOKENS = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT)
-#: Atomic, but kept when decoding, so rewards can parse completions.
+#: Atomic, but kept when decoding, so rewards can parse completions. The one home of these tags:
+#: prompts, rewards and the tokenizer all take them from here.
 REASONING_TOKENS = (THINK, END_THINK, ANSWER, END_ANSWER)
 SPECIAL_TOKENS = CONTROL_TOKENS + REASONING_TOKENS
 ROLES = ("system", "user", "assistant")
@@ -77,7 +86,16 @@ class Tokenizer:
         missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
         if missing:
             raise UserError(f"tokenizer lacks special tokens {missing}; load it with load_tokenizer()")
-        self.backend = backend
+        self.backend = _mark_reasoning_tokens_plain(backend)
+        # the same tokenizer with special tokens spelled out as text, for untrusted input; a second
+        # object (not a toggled flag) so one Tokenizer can be used from several threads
+        self._text_backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        self._text_backend.encode_special_tokens = True
+
+    @classmethod
+    def from_str(cls, tokenizer_json: str) -> Tokenizer:
+        """From the text of a tokenizer.json (what `backend.to_str()` returns)."""
+        return cls(tokenizers.Tokenizer.from_str(tokenizer_json))
 
     # ---- ids -------------------------------------------------------------------------------------
     @property
@@ -111,15 +129,34 @@ class Tokenizer:
         return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
 
     # ---- text <-> ids ----------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False, *, special: bool = False) -> list[int]:
+        """Token ids of `text`. Control tokens written in the text (`<|eos|>`, `<|system|>`, ...) are
+        encoded as the plain characters they consist of, unless `special=True`: only for text the
+        caller produced itself (a rendered chat template), never for text from users, files or
+        requests. `<think>`, `</think>`, `<answer>`, `</answer>` are single tokens either way."""
+        backend = self.backend if special else self._text_backend
+        ids = backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
-        """Encode many texts at once; the Rust side runs them in parallel."""
-        encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, *,
+                     special: bool = False) -> list[list[int]]:
+        """`encode` for many texts at once; the Rust side runs them in parallel."""
+        backend = self.backend if special else self._text_backend
+        encs = backend.encode_batch(list(texts), add_special_tokens=False)
         head = [self.bos_id] if add_bos else []
         return [head + e.ids for e in encs]
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of the chat format (module docstring), built structurally: bos, role and eos ids are
+        inserted by position and every message's content is encoded as text (`special=False`), so a
+        message cannot contain a turn boundary. For contents without control-token strings this
+        equals `encode(apply_chat_template(messages, ...), special=True)`."""
+        ids = [self.bos_id]
+        for role, content in _checked_messages(messages):
+            ids += [self.token_id(ROLE_TOKENS[role]), *self.encode(content), self.eos_id]
+        if add_generation_prompt:
+            ids.append(self.token_id(ASSISTANT))
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Accepts lists, numpy arrays and tensors. `skip_special` drops control tokens but keeps
@@ -131,12 +168,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Render `[{"role": ..., "content": ...}, ...]` exactly as `CHAT_TEMPLATE` does."""
         parts = [BOS]
-        for i, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLES:
-                raise UserError(f"message {i}: unknown chat role {role!r} (expected one of {ROLES})")
-            if not isinstance(content, str):
-                raise UserError(f"message {i}: content must be a string, got {type(content).__name__}")
+        for role, content in _checked_messages(messages):
             parts.append(ROLE_TOKENS[role] + content + EOS)
         if add_generation_prompt:
             parts.append(ASSISTANT)
@@ -146,10 +178,12 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out} is a file; the tokenizer is saved into a directory")
         out.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(out / "tokenizer.json"))
-        _write_json(out / "tokenizer_config.json", self._hf_config())
-        _write_json(out / "special_tokens_map.json", _special_tokens_map())
+        write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        write_json(out / "tokenizer_config.json", self._hf_config())
+        write_json(out / "special_tokens_map.json", _special_tokens_map())
         return out
 
     def _hf_config(self) -> dict:
@@ -182,8 +216,15 @@ def _special_tokens_map() -> dict:
     }
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _checked_messages(messages: Sequence[dict]) -> Iterable[tuple[str, str]]:
+    """(role, content) of each message; UserError naming the message for a bad role or content."""
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise UserError(f"message {i}: unknown chat role {role!r} (expected one of {ROLES})")
+        if not isinstance(content, str):
+            raise UserError(f"message {i}: content must be a string, got {type(content).__name__}")
+        yield role, content
 
 
 # ---- building and loading ------------------------------------------------------------------------
@@ -200,8 +241,12 @@ def _empty_bpe() -> tokenizers.Tokenizer:
 
 
 def _mark_reasoning_tokens_plain(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-    """The trainer registers every token it is given as special; flip the reasoning tags back to
-    non-special so `decode(skip_special=True)` keeps them."""
+    """The trainer registers every token it is given as special (and so may a foreign tokenizer);
+    flip the reasoning tags back to non-special so `decode(skip_special=True)` keeps them and
+    `encode(special=False)` still reads them as single tokens."""
+    if not any(t.special and t.content in REASONING_TOKENS
+               for t in tok.get_added_tokens_decoder().values()):
+        return tok
     spec = json.loads(tok.to_str())
     for added in spec["added_tokens"]:
         if added["content"] in REASONING_TOKENS:
@@ -215,8 +260,7 @@ def _add_missing_tokens(tok: tokenizers.Tokenizer, source: str, add_missing: boo
         return tok
     if not add_missing:
         raise UserError(f"{source}: tokenizer lacks the special tokens {missing}")
-    print(f"nanoseek: {source}: appending missing special tokens {missing} to the vocabulary",
-          file=sys.stderr)
+    warn(f"{source}: appending missing special tokens {missing} to the vocabulary")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing
                             if t in CONTROL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing
@@ -232,8 +276,11 @@ def load_tokenizer(path: str | Path, add_missing: bool = True) -> Tokenizer:
     """
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
-    if not file.is_file():
+    if not p.exists():
         raise UserError(f"no tokenizer at {path} (expected a directory with tokenizer.json, or the file)")
+    if not file.is_file():
+        raise UserError(f"{path} exists but holds no tokenizer.json (expected a tokenizer directory "
+                        "or the tokenizer.json file itself)")
     try:
         backend = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
@@ -252,14 +299,13 @@ def train_tokenizer(
     """Train a byte-level BPE on text / jsonl / parquet files and save it to `out_dir` (if given).
 
     Input handling (formats, bad-file errors) is shared with `nanoseek data prepare`; see
-    `nanoseek.data.iter_documents`. On a small corpus BPE may run out of merges before reaching
-    `vocab_size`, so the result can be smaller; `Tokenizer.vocab_size` is the real size.
+    `nanoseek.data.readers.iter_documents`. On a small corpus BPE may run out of merges before
+    reaching `vocab_size`, so the result can be smaller; `Tokenizer.vocab_size` is the real size.
     """
-    from nanoseek.data import check_input_files, iter_documents  # data imports this module
-
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise UserError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} "
-                        f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+    require(isinstance(vocab_size, int) and vocab_size >= MIN_VOCAB_SIZE, "--vocab-size", vocab_size,
+            f"at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out {out_dir} is a file; the tokenizer is saved into a directory")
     paths = check_input_files(files)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -270,7 +316,7 @@ def train_tokenizer(
     backend = _empty_bpe()
     docs = iter_documents(paths, text_field=text_field, text_docs=text_docs)
     backend.train_from_iterator(_batched(docs, 1000), trainer=trainer)
-    tok = Tokenizer(_mark_reasoning_tokens_plain(backend))
+    tok = Tokenizer(backend)  # flips the reasoning tags the trainer made special back to plain
     if out_dir is not None:
         tok.save(out_dir)
     return tok
@@ -286,43 +332,3 @@ def _batched(items: Iterable[str], n: int) -> Iterable[list[str]]:
             batch = []
     if batch:
         yield batch
-
-
-# ---- CLI -----------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a byte-level BPE on text / jsonl / parquet files")
-    t.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="input files or directories (.txt, .jsonl, .parquet)")
-    t.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size")
-    t.add_argument("--out", required=True, help="output directory")
-    add_input_options(t)
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    e = sub.add_parser("encode", help="show how a tokenizer splits some text")
-    e.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
-    e.add_argument("text", help="text to encode")
-
-
-def add_input_options(p: argparse.ArgumentParser) -> None:
-    """Options shared with `nanoseek data prepare`."""
-    p.add_argument("--text-field", default="text", help="jsonl / parquet field holding the text")
-    p.add_argument("--text-docs", default="paragraph", choices=("paragraph", "line", "file"),
-                   help="how plain-text files split into documents: blank-line separated paragraphs "
-                        "(default), one per line, or one per file")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.action == "train":
-        tok = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.text_field,
-                              text_docs=args.text_docs, progress=not args.quiet)
-        print(f"saved tokenizer ({tok.vocab_size} tokens) to {args.out}")
-        if tok.vocab_size < args.vocab_size:
-            print(f"note: the corpus only supported {tok.vocab_size} of the requested "
-                  f"{args.vocab_size} tokens", file=sys.stderr)
-        return 0
-    tok = load_tokenizer(args.tokenizer)
-    ids = tok.encode(args.text)
-    print(f"{len(ids)} tokens: {ids}")
-    print(" | ".join(tok.decode([i]) for i in ids))
-    return 0
