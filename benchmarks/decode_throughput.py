@@ -158,10 +158,8 @@ def teacher_forced_accuracy(model, data: torch.Tensor, n: int = 8, seq: int = 25
     x = torch.stack([data[s:s + seq] for s in torch.randint(0, len(data) - seq, (n,), generator=gen)])
     with torch.no_grad():
         out = model(x, return_hidden=True)
-        cos, sin = model.model.rotary_emb(torch.arange(seq - 1)[None])
-        mtp = model.mtp[0]
-        h = mtp(out.hidden_states[:, :-1], model.model.embed_tokens(x[:, 1:]), cos, sin)
-        mtp_pred = model.lm_head(mtp.shared_head.norm(h)).argmax(-1)
+        h = model.mtp_hidden(1, out.hidden_states[:, :-1], x[:, 1:], torch.arange(seq - 1)[None])
+        mtp_pred = model.mtp_logits(1, h).argmax(-1)
     main_acc = (out.logits[:, :-1].argmax(-1) == x[:, 1:]).float().mean().item()
     return main_acc, (mtp_pred[:, :-1] == x[:, 2:]).float().mean().item()
 
@@ -169,21 +167,21 @@ def teacher_forced_accuracy(model, data: torch.Tensor, n: int = 8, seq: int = 25
 def step_costs(model, prompts: list[list[int]]) -> tuple[float, float]:
     """Seconds per plain decode step and per speculative verify step (trunk x2 + MTP block + two head reads)."""
     from nanoseek.inference import speculative as spec
-    from nanoseek.inference.decode import forward_cached
+    from nanoseek.inference.engine import next_token_logits
     from nanoseek.inference.sampling import Sampler
 
     sampler = Sampler(SamplingParams(), len(prompts))
     with torch.inference_mode():
         cache = LatentKVCache.for_model(model, len(prompts), PROMPT_LEN + 4 * NEW_TOKENS, extra_layers=1)
-        drafts, _, _ = spec._prefill(model, prompts, cache, sampler)
+        drafts, _, _ = spec.prefill(model, prompts, cache, sampler)
         start = time.perf_counter()
         for _ in range(NEW_TOKENS // 2):
-            drafts = spec._verify(model, cache, sampler, drafts)[0]
+            drafts = spec.verify(model, cache, sampler, drafts)[0]
         verify = (time.perf_counter() - start) / (NEW_TOKENS // 2)
         tokens = drafts.cur
         start = time.perf_counter()
         for _ in range(NEW_TOKENS // 2):
-            tokens = sampler(model.lm_head(forward_cached(model, tokens[:, None], cache)[:, -1]))[0]
+            tokens = sampler(next_token_logits(model, tokens[:, None], cache))[0]
         plain = (time.perf_counter() - start) / (NEW_TOKENS // 2)
     return plain, verify
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 from nanoseek.config import preset
+from nanoseek.hf import save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     cfg = preset("bench", aux_loss_alpha=0.0)  # transformers has no balance loss: compare like for like
     ours = DeepseekV3ForCausalLM(cfg).train()
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_pretrained(ours, d)
         ref = load_reference(d).train().to(args.device)
     ours.to(args.device)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device) for _ in range(4)]

@@ -1,125 +1,66 @@
-"""Hugging Face / DeepSeek checkpoint format: config.json + safetensors shards (+ index).
+"""Model directories in the Hugging Face / DeepSeek format: the one place that reads and writes them.
 
-On disk we use DeepSeek's released layout, which `transformers` also reads:
-  routed experts per expert  model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight
-  MTP module k (0-based)     model.layers.{num_hidden_layers + k}.{enorm,hnorm,eh_proj,shared_head.norm,
-                             self_attn.*, mlp.*, ...} plus copies of embed_tokens / shared_head.head
-FP8 checkpoints (DeepSeek-V3's release) store E4M3 weights with a sibling `weight_scale_inv` holding one
-scale per 128x128 block; they are dequantised on load.
+A directory holds config.json, generation_config.json, safetensors shards (+ model.safetensors.index.json
+when there are several) and, for models trained here, the tokenizer files. `transformers` loads such a
+directory as it is. Tensor names are mapped by nanoseek.model.state_dict_adapter; this module only moves
+them between files and the model.
+
+MTP weights: transformers does not know the MTP module, so a directory that went through it (or through
+TRL, which saves with it) has none. Loading such a directory turns MTP off with one warning line; the
+model then generates normally but cannot draft speculatively, and MTP training starts from scratch.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import warnings
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
-from nanoseek.errors import UserError
+from nanoseek.data.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.device import resolve_device
+from nanoseek.errors import SettingError, UserError, warn
+from nanoseek.files import atomic_write, write_json
 from nanoseek.model import DeepseekV3ForCausalLM
+from nanoseek.model.state_dict_adapter import (CheckpointError, dequantize_checkpoint, from_checkpoint,
+                                               has_mtp_tensors, to_checkpoint)
 
-FP8_BLOCK = 128
-_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-# Per-module copies of the shared embedding/head that DeepSeek stores in every MTP layer.
-_MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+#: What `tokenizer_files` copies along with a model so the directory is self-contained.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DTYPES = ("float32", "bfloat16", "float16")
 
-
-class CheckpointError(UserError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------- FP8
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W = W_fp8 * scale_inv, one scale per `block` x `block` tile (edge tiles may be partial)."""
-    out_f, in_f = weight.shape
-    expected = (-(-out_f // block), -(-in_f // block))
-    if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
-                              f"for a {tuple(weight.shape)} weight in {block}x{block} blocks")
-    compute = torch.promote_types(dtype, torch.float32)
-    scale = scale_inv.to(compute).repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
-    return (weight.to(compute) * scale).to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------- key maps
-def to_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> DeepSeek/HF names (experts split per expert, MTP as extra layers)."""
-    out: dict[str, torch.Tensor] = {}
-    L = cfg.num_hidden_layers
-    for name, t in state.items():
-        m = _MTP.match(name)
-        if m:
-            k, rest = int(m.group(1)), m.group(2)
-            name = f"model.layers.{L + k}.{rest.removeprefix('block.')}"
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix(".gate_up_proj")
-            gate, up = t.chunk(2, dim=1)
-            for e in range(t.shape[0]):
-                out[f"{prefix}.{e}.gate_proj.weight"] = gate[e]
-                out[f"{prefix}.{e}.up_proj.weight"] = up[e]
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name.removesuffix(".down_proj")
-            for e in range(t.shape[0]):
-                out[f"{prefix}.{e}.down_proj.weight"] = t[e]
-        else:
-            out[name] = t
-    for k in range(cfg.num_nextn_predict_layers):
-        out[f"model.layers.{L + k}.embed_tokens.weight"] = state["model.embed_tokens.weight"]
-        out[f"model.layers.{L + k}.shared_head.head.weight"] = state["lm_head.weight"]
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
-
-
-def from_checkpoint(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """DeepSeek/HF names -> our state dict. Accepts per-expert or fused (transformers) expert tensors."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    L = cfg.num_hidden_layers
-    for name, t in tensors.items():
-        m = _LAYER.match(name)
-        if m and int(m.group(1)) >= L:
-            k, rest = int(m.group(1)) - L, m.group(2)
-            if rest in _MTP_SHARED_COPIES:
-                continue  # the model shares the main embedding and head
-            own = rest.split(".")[0] in ("enorm", "hnorm", "eh_proj", "shared_head")
-            name = f"mtp.{k}.{rest}" if own else f"mtp.{k}.block.{rest}"
-        e = _EXPERTS.match(name)
-        if e:
-            experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = t
-            continue
-        out[name] = t
-    for prefix, per_expert in experts.items():
-        n = max(per_expert) + 1
-        try:
-            out[f"{prefix}.gate_up_proj"] = torch.stack(
-                [torch.cat([per_expert[i]["gate_proj"], per_expert[i]["up_proj"]]) for i in range(n)])
-            out[f"{prefix}.down_proj"] = torch.stack([per_expert[i]["down_proj"] for i in range(n)])
-        except KeyError as err:
-            raise CheckpointError(f"checkpoint is missing a tensor of {prefix}: expert/projection {err}") from None
-    if cfg.tie_word_embeddings:
-        out.setdefault("lm_head.weight", out.get("model.embed_tokens.weight"))
-    return out
+__all__ = ["CheckpointError", "read_tensors", "load_state", "from_pretrained", "save_pretrained", "cast_model",
+           "tokenizer_files", "load_model_and_tokenizer", "model_directory", "from_checkpoint", "to_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def model_directory(path: str | Path) -> Path:
+    """`path` as a model directory, or one clear error saying what it is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a model directory (config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a model directory")
+    return path
+
+
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
         files = sorted({path / f for f in weight_map.values()})
     else:
         files = sorted(path.glob("*.safetensors"))
-    missing = [f for f in files if not f.exists()]
+    missing = [f for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{path}: shard {missing[0].name} listed in the index is missing")
     if not files:
@@ -128,33 +69,17 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def read_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, FP8 blocks dequantised, floats cast to `dtype`."""
+    """All tensors of a checkpoint directory (checkpoint names), FP8 blocks dequantised, floats cast to
+    `dtype`. A truncated or corrupt shard is one clear `CheckpointError`."""
     raw: dict[str, torch.Tensor] = {}
     for file in _shard_files(Path(path)):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                raw[key] = f.get_tensor(key)
-    out = {}
-    for key, t in raw.items():
-        if key.endswith("weight_scale_inv"):
-            continue
-        scale = raw.get(key.removesuffix("weight") + "weight_scale_inv")
-        if scale is not None:
-            t = dequantize_fp8_blocks(t, scale, dtype=dtype)
-        elif t.is_floating_point() and not key.endswith("e_score_correction_bias"):
-            t = t.to(dtype)
-        out[key] = t
-    return out
-
-
-def _drop_mtp_if_absent(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelConfig:
-    if cfg.num_nextn_predict_layers and not any(
-            k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in tensors):
-        warnings.warn(f"config declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
-                      "checkpoint stores no MTP tensors (transformers does not save them): loading with MTP off",
-                      stacklevel=3)
-        return cfg.replace(num_nextn_predict_layers=0)
-    return cfg
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    raw[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file, truncated or corrupt ({e})") from None
+    return dequantize_checkpoint(raw, dtype)
 
 
 def load_state(model: DeepseekV3ForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
@@ -173,18 +98,43 @@ def load_state(model: DeepseekV3ForCausalLM, state: dict[str, torch.Tensor], sou
     model.load_state_dict(state, strict=True)
 
 
+def load_weights(model: DeepseekV3ForCausalLM, path: str | Path) -> None:
+    """Read a model directory's weights into an existing model (same config)."""
+    load_state(model, from_checkpoint(read_tensors(path), model.config), str(path))
+
+
+def _without_absent_mtp(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> ModelConfig:
+    if cfg.num_nextn_predict_layers and not has_mtp_tensors(tensors, cfg):
+        warn(f"{path} holds no MTP weights although config.json declares num_nextn_predict_layers="
+             f"{cfg.num_nextn_predict_layers} (transformers and TRL do not save them): loaded with MTP off")
+        return cfg.replace(num_nextn_predict_layers=0)
+    return cfg
+
+
+def torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """None -> float32; a name from DTYPES -> the torch dtype; anything else is a SettingError."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SettingError(f"invalid setting `dtype` = {dtype!r}: must be one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
-    """Load a HF/DeepSeek-format directory (config.json + safetensors, sharded or not, BF16 or FP8).
-    dtype: None keeps float32; router weights and the balancing bias always stay float32."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model directory {path} does not exist")
+                    device: str | torch.device = "cpu",
+                    model_class: type[DeepseekV3ForCausalLM] = DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM:
+    """Load a HF/DeepSeek-format directory (config.json + safetensors, sharded or not, BF16 or FP8) as
+    `model_class`. dtype: None keeps float32; router weights and the balancing bias always stay float32.
+    A directory without MTP weights loads with MTP off (one warning line)."""
+    path = model_directory(path)
     cfg = ModelConfig.from_json(path)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+    dtype = torch_dtype(dtype)
+    device = resolve_device(device) if isinstance(device, str) else device
     tensors = read_tensors(path)
-    cfg = _drop_mtp_if_absent(tensors, cfg)
-    model = DeepseekV3ForCausalLM(cfg)
+    cfg = _without_absent_mtp(tensors, cfg, path)
+    model = model_class(cfg)
     load_state(model, from_checkpoint(tensors, cfg), str(path))
     return cast_model(model, dtype).to(device)
 
@@ -197,20 +147,59 @@ def cast_model(model: DeepseekV3ForCausalLM, dtype: torch.dtype) -> DeepseekV3Fo
     return model
 
 
+# ---------------------------------------------------------------------------------------------- tokenizer
+def tokenizer_files(directory: str | Path) -> dict[str, Path]:
+    """The tokenizer files (TOKENIZER_FILES) that exist in `directory`, by name: what `save_pretrained`
+    copies so a model directory is self-contained. Empty when there is no tokenizer."""
+    d = Path(directory)
+    return {name: d / name for name in TOKENIZER_FILES if (d / name).is_file()}
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The config fields transformers reads to start, stop and pad generation."""
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+
+
+def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                             dtype: torch.dtype | str | None = "float32", device: str | torch.device = "cpu",
+                             model_class: type[DeepseekV3ForCausalLM] = DeepseekV3ForCausalLM):
+    """(model, tokenizer) from a model directory holding its tokenizer (or `tokenizer_dir`: a directory
+    with tokenizer.json, or the file), with one clear error for each way the pair can be unusable.
+    Settings, config and tokenizer are checked before the weights are read."""
+    path = model_directory(model_dir)
+    dtype = torch_dtype(dtype)
+    device = resolve_device(device) if isinstance(device, str) else device
+    cfg = ModelConfig.from_json(path)
+    tok_path = Path(tokenizer_dir) if tokenizer_dir else path
+    if tokenizer_dir and not tok_path.exists():
+        raise UserError(f"tokenizer {tok_path} does not exist")
+    if tok_path.is_dir() and not (tok_path / "tokenizer.json").is_file():
+        hint = "" if tokenizer_dir else " (models exported by nanoseek carry one; or pass a tokenizer directory)"
+        raise UserError(f"no tokenizer.json in {tok_path}{hint}")
+    tokenizer = load_tokenizer(tok_path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{cfg.vocab_size}: they do not belong together")
+    model = from_pretrained(path, dtype=dtype, device=device, model_class=model_class)
+    return model, tokenizer
+
+
 # ---------------------------------------------------------------------------------------------- writing
-def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
-def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write config.json + safetensors shards (+ index when more than one) in DeepSeek/HF layout."""
+def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
+                    tokenizer_files: dict[str, Path] | None = None) -> Path:
+    """Write config.json, generation_config.json and safetensors shards (+ index when more than one) in
+    DeepSeek/HF layout. `tokenizer_files` (see `tokenizer_files()`) are copied in, and the tokenizer's
+    bos / eos / pad ids go into both configs, so transformers' `generate` stops at our eos."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    files = dict(tokenizer_files or {})
+    if "tokenizer.json" in files:
+        cfg = cfg.replace(**special_token_ids(load_tokenizer(files["tokenizer.json"])))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tensors = to_checkpoint(state, cfg)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -225,14 +214,18 @@ def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_by
         size += nbytes
     dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
     cfg.replace(torch_dtype=dtype_name).save(path)
+    write_json(path / "generation_config.json", {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                                                  "pad_token_id": cfg.pad_token_id})
+    for name, src in files.items():
+        atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
     if len(shards) == 1:
-        _atomic_save(shards[0], path / "model.safetensors")
-        return
+        _save_shard(shards[0], path / "model.safetensors")
+        return path
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, path / name)
+        _save_shard(shard, path / name)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return path

@@ -272,7 +272,7 @@ def test_kv_formula_equals_the_inference_cache_allocation(name, dtype, torch_dty
     import torch
 
     from nanoseek.config import preset
-    from nanoseek.inference.cache import LatentKVCache
+    from nanoseek.model.cache import LatentKVCache
     from nanoseek.model import DeepseekV3ForCausalLM
 
     cfg = preset(name)

@@ -9,7 +9,7 @@ import torch
 
 import nanoseek
 from nanoseek.config import preset
-from nanoseek.hf import CheckpointError, dequantize_fp8_blocks
+from nanoseek.model.state_dict_adapter import CheckpointError, dequantize_fp8_blocks
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
@@ -67,7 +67,7 @@ def test_yarn_is_really_active_in_both(tmp_path):
     assert ours.model.layers[0].self_attn.scale == pytest.approx(ref.model.layers[0].self_attn.scaling)
 
 
-def test_mtp_roundtrip_and_transformers_drop(tmp_path):
+def test_mtp_roundtrip_and_transformers_drop(tmp_path, capsys):
     cfg = preset("tiny")  # one MTP module
     model = nanoseek.DeepseekV3ForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path / "ours")
@@ -77,11 +77,15 @@ def test_mtp_roundtrip_and_transformers_drop(tmp_path):
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     # transformers has no MTP modules: what it saves has none, and we load it with MTP off + one warning
+    # line (nanoseek.errors.warn, not a Python warning quoting source code)
     AutoModelForCausalLM.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = nanoseek.from_pretrained(tmp_path / "hf")
-    assert len([w for w in caught if "MTP" in str(w.message)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "MTP" in line]
+    assert len(lines) == 1 and lines[0].startswith("nanoseek: warning:") and "no MTP weights" in lines[0]
+    assert not [w for w in caught if "MTP" in str(w.message)]
     assert again.config.num_nextn_predict_layers == 0 and len(again.mtp) == 0
 
 

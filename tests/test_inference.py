@@ -8,10 +8,9 @@ import torch
 
 import nanoseek
 from nanoseek.config import preset
-from nanoseek.inference import (Generation, LatentKVCache, PromptError, SamplingParams, forward_cached, generate,
-                                stream)
+from nanoseek.inference import Generation, LatentKVCache, PromptError, SamplingParams, generate, stream
 from nanoseek.inference.sampling import Sampler, filter_logits
-from nanoseek.inference.speculative import Drafts, _accept
+from nanoseek.inference.speculative import Drafts, accept_drafts
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,6 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(**overrides):
     torch.manual_seed(0)
     return nanoseek.DeepseekV3ForCausalLM(preset("tiny", **overrides)).eval()
+
+
+def forward_cached(model, ids, cache, valid=None):
+    """The model's own forward over the cache: final normed hidden states of the new tokens."""
+    return model(ids, attention_mask=valid, cache=cache, return_hidden=True).hidden_states
 
 
 def prompts_of(lengths, vocab=512, seed=1):
@@ -256,7 +260,7 @@ def test_speculative_acceptance_rule_samples_the_target():
     sampler = Sampler(SamplingParams(temperature=1.0, seed=0), n)
     draft = sampler.choose(q)
     logits = torch.stack([p_logits, torch.zeros(V)]).repeat(n, 1, 1)
-    accepted, y0, _ = _accept(sampler, logits, Drafts(torch.zeros(n, dtype=torch.long), draft, q))
+    accepted, y0, _ = accept_drafts(sampler, logits, Drafts(torch.zeros(n, dtype=torch.long), draft, q))
     freq = torch.bincount(y0, minlength=V) / n
     assert (freq - p_logits.softmax(-1)).abs().max() < 0.015
     expected_acceptance = torch.minimum(p_logits.softmax(-1), q[0]).sum()  # sum_x min(p, q)

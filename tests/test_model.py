@@ -168,3 +168,77 @@ def test_671b_builds_on_meta_for_counting():
     assert abs(main - 671e9) / 671e9 < 0.01  # V3 report: 671B main model
     # + 14B MTP module, which stores its own embedding and head copies (2 x 0.93B) in checkpoints
     assert abs(mtp + 2 * 129280 * 7168 - 14e9) / 14e9 < 0.05
+
+
+def test_packed_mask_equals_running_the_segments_separately():
+    """A block-diagonal bool [B, 1, T, T] mask with per-segment positions: loss pieces (trunk and MTP)
+    equal those of each segment run alone, and labels of -100 are ignored."""
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(preset("tiny", aux_loss_alpha=0.0)).eval()
+    a, b = torch.randint(3, 512, (1, 9)), torch.randint(3, 512, (1, 7))
+    ids = torch.cat([a, b], dim=1)
+    seg = torch.tensor([[1] * 9 + [2] * 7])
+    mask = (torch.ones(16, 16, dtype=torch.bool).tril() & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    positions = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    packed = model(ids, attention_mask=mask, position_ids=positions, return_hidden=True)
+    alone = torch.cat([model(a, return_hidden=True).hidden_states, model(b, return_hidden=True).hidden_states], 1)
+    torch.testing.assert_close(packed.hidden_states, alone, atol=1e-5, rtol=1e-5)
+    # Loss on b's tokens 2.. only (-100 elsewhere), so no target is predicted from across the boundary
+    # (MTP depth 1 predicts two ahead: from a's last position it would target b's second token).
+    labels = torch.full_like(ids, -100)
+    labels[:, 11:] = ids[:, 11:]
+    out = model(ids, labels=labels, attention_mask=mask, position_ids=positions, mtp_weight=0.5)
+    b_labels = b.clone()
+    b_labels[:, :2] = -100
+    ref = model(b, labels=b_labels, mtp_weight=0.5)
+    torch.testing.assert_close(out.lm_loss, ref.lm_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.mtp_loss, ref.mtp_loss, atol=1e-5, rtol=1e-5)
+    unmasked = model(ids, labels=labels, position_ids=positions, mtp_weight=0.5)
+    assert not torch.allclose(unmasked.mtp_loss, ref.mtp_loss, atol=1e-3)  # the mask reaches the MTP module
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.mtp_loss)
+
+
+def test_padding_mask_two_d_and_four_d_agree():
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(preset("tiny")).eval()
+    ids = torch.randint(3, 512, (2, 10))
+    pad = torch.ones(2, 10, dtype=torch.long)
+    pad[1, :4] = 0
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    four_d = causal & (pad.bool()[:, None, None, :] | torch.eye(10, dtype=torch.bool))
+    two = model(ids, labels=ids, attention_mask=pad)
+    four = model(ids, labels=ids, attention_mask=four_d)
+    assert torch.equal(two.logits, four.logits) and torch.equal(two.mtp_loss, four.mtp_loss)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=four_d.float())
+
+
+def test_no_stale_balance_loss_from_layers_that_did_not_run():
+    model = DeepseekV3ForCausalLM(preset("tiny", aux_loss_alpha=0.01)).train()
+    x = torch.randint(0, 512, (2, 12))
+    with_mtp = model(x, labels=x, mtp_weight=0.3)
+    without = model(x, labels=x, mtp_weight=0.0)  # the MTP block's MoE does not run
+    n_trunk = len([m for m in model.model.modules() if m.__class__.__name__ == "MoE"])
+    assert sum(m.balance_loss is not None for m in model.moe_layers()) == n_trunk
+    assert without.balance_loss < with_mtp.balance_loss
+    torch.testing.assert_close(without.loss, without.lm_loss + without.balance_loss)
+
+
+def test_few_token_expert_loop_matches_grouped_experts():
+    """The CPU per-expert route for few tokens computes the same MoE output and gradients."""
+    cfg = preset("tiny", n_routed_experts=8, num_experts_per_tok=2, aux_loss_alpha=0.0)
+    torch.manual_seed(0)
+    moe = DeepseekV3ForCausalLM(cfg).moe_layers()[0].train()
+    x = torch.randn(1, 5, cfg.hidden_size, requires_grad=True)
+    assert moe.few_tokens(x.view(-1, cfg.hidden_size))
+    loop = moe(x)
+    g_loop = torch.autograd.grad(loop.sum(), [x, moe.experts.gate_up_proj])
+    load_loop = moe.expert_load.clone()
+    moe.expert_load.zero_()
+    moe.few_tokens = lambda flat: False  # force the grouped route on the same tokens
+    grouped = moe(x)
+    g_grouped = torch.autograd.grad(grouped.sum(), [x, moe.experts.gate_up_proj])
+    torch.testing.assert_close(loop, grouped, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_loop, g_grouped):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.equal(load_loop, moe.expert_load)

@@ -1,5 +1,5 @@
-"""Speculative decoding with the MTP module as the draft model (REFERENCE §4; V3 reports 85-90%
-acceptance of the second token and ~1.8x tokens per second).
+"""Speculative decoding with the MTP module as the draft model (DeepSeek-V3 technical report, §2.2 and
+§5.4.3: 85-90% acceptance of the second token and ~1.8x tokens per second).
 
 The MTP module at position i reads the trunk's hidden state h_i and the embedding of token i+1 and
 predicts token i+2, so right after the trunk has chosen token i+1 it can propose token i+2 for the price
@@ -15,6 +15,7 @@ target (filtered, temperature-scaled) distribution: on rejection y0 is drawn fro
 the standard speculative-sampling correction. Seeded sampled output differs from non-speculative
 sampling with the same seed (the random draws are used differently), but is reproducible.
 The MTP block keeps its own latents in one extra cache layer that shares the trunk's slots and mask.
+Trunk and MTP module run through the model's own forward (`model(..., cache=)`, `model.mtp_hidden`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.inference.cache import LatentKVCache
-from nanoseek.inference.decode import Step, begin_step, block_cached, trunk_cached
-from nanoseek.inference.engine import Batch, TokenEvent, Tracker, pad_left
+from nanoseek.inference.requests import RequestRows, TokenEvent, Tracker, pad_left
 from nanoseek.inference.sampling import Sampler, SamplingParams
+from nanoseek.model.cache import LatentKVCache
 
 
 @dataclass
@@ -43,17 +43,9 @@ class Drafts:
         self.q = None if self.q is None else self.q[rows]
 
 
-def mtp_cached(model, hidden: torch.Tensor, next_ids: torch.Tensor, step: Step, cache: LatentKVCache) -> torch.Tensor:
-    """MTP depth 1 over the step's positions: hidden [B, T, D] (trunk, normed) and the tokens one ahead
-    [B, T] -> MTP hidden [B, T, D] (before `shared_head.norm`)."""
-    module = model.mtp[0]
-    h = module.eh_proj(torch.cat([module.enorm(model.model.embed_tokens(next_ids)), module.hnorm(hidden)], dim=-1))
-    return block_cached(module.block, h, step, cache.layer(model.config.num_hidden_layers))
-
-
-def _propose(model, sampler: Sampler, h_mtp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def propose(model, sampler: Sampler, h_mtp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """MTP hidden [B, D] -> (draft tokens [B], draft distribution q [B, V] or None when greedy)."""
-    logits = model.lm_head(model.mtp[0].shared_head.norm(h_mtp)).float()
+    logits = model.mtp_logits(1, h_mtp).float()
     if sampler.params.greedy:
         return logits.argmax(-1), None
     q = sampler.probs(logits)
@@ -61,18 +53,19 @@ def _propose(model, sampler: Sampler, h_mtp: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.inference_mode()
-def _prefill(model, prompts: Sequence[Sequence[int]], cache: LatentKVCache, sampler: Sampler
-             ) -> tuple[Drafts, list[int], list[float]]:
+def prefill(model, prompts: Sequence[Sequence[int]], cache: LatentKVCache, sampler: Sampler
+            ) -> tuple[Drafts, list[int], list[float]]:
+    """Prompts into the cache (trunk and MTP layer), the first token of each row and the first draft.
+    Returns the drafts and, as lists, the first tokens and their log-probabilities."""
     ids, valid = pad_left(prompts, 0, cache.kv.device)
-    step = begin_step(model, cache, ids.shape[1], valid)
-    hidden = trunk_cached(model, ids, step, cache)
-    first, logprob = sampler(model.lm_head(hidden[:, -1]).float())
-    h_mtp = mtp_cached(model, hidden, torch.cat([ids[:, 1:], first[:, None]], dim=1), step, cache)
-    draft, q = _propose(model, sampler, h_mtp[:, -1])
+    out = model(ids, attention_mask=valid, cache=cache, return_hidden=True, logits_to_keep=1)
+    first, logprob = sampler(out.logits[:, -1].float())
+    h_mtp = model.mtp_hidden(1, out.hidden_states, torch.cat([ids[:, 1:], first[:, None]], dim=1), cache=cache)
+    draft, q = propose(model, sampler, h_mtp[:, -1])
     return Drafts(first, draft, q), first.tolist(), logprob.tolist()
 
 
-def _accept(sampler: Sampler, logits: torch.Tensor, drafts: Drafts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def accept_drafts(sampler: Sampler, logits: torch.Tensor, drafts: Drafts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Target logits [B, 2, V] at (cur, draft) -> (accepted [B] bool, y0 [B], y1 [B])."""
     if sampler.params.greedy:
         y0, y1 = logits.argmax(-1).unbind(1)
@@ -88,19 +81,18 @@ def _accept(sampler: Sampler, logits: torch.Tensor, drafts: Drafts) -> tuple[tor
 
 
 @torch.inference_mode()
-def _verify(model, cache: LatentKVCache, sampler: Sampler, drafts: Drafts) -> tuple[Drafts, list, list, list]:
+def verify(model, cache: LatentKVCache, sampler: Sampler, drafts: Drafts) -> tuple[Drafts, list, list, list]:
     """One speculative step for the whole batch. Returns the next drafts and, as lists,
     accepted flags, (y0, y1) tokens and their log-probabilities."""
-    step = begin_step(model, cache, 2)
-    hidden = trunk_cached(model, torch.stack([drafts.cur, drafts.draft], dim=1), step, cache)
-    logits = model.lm_head(hidden).float()
-    accepted, y0, y1 = _accept(sampler, logits, drafts)
+    out = model(torch.stack([drafts.cur, drafts.draft], dim=1), cache=cache, return_hidden=True)
+    logits = out.logits.float()
+    accepted, y0, y1 = accept_drafts(sampler, logits, drafts)
     tokens = torch.stack([y0, y1], dim=1)
     logprobs = sampler.logprobs(logits).gather(-1, tokens[..., None]).squeeze(-1)
-    cache.invalidate(~accepted, step.start + 1)
-    h_mtp = mtp_cached(model, hidden, tokens, step, cache)
+    cache.invalidate(~accepted, cache.step.start + 1)
+    h_mtp = model.mtp_hidden(1, out.hidden_states, tokens, cache=cache)
     last = accepted.long()  # position of the last emitted token in this step
-    draft, q = _propose(model, sampler, h_mtp[torch.arange(len(last), device=last.device), last])
+    draft, q = propose(model, sampler, h_mtp[torch.arange(len(last), device=last.device), last])
     nxt = Drafts(torch.where(accepted, y1, y0), draft, q)
     return nxt, accepted.tolist(), tokens.tolist(), logprobs.tolist()
 
@@ -113,15 +105,15 @@ def stream_speculative(model, prompts: Sequence[Sequence[int]], params: Sampling
     max_len = max(len(p) for p in prompts) + 2 * max(tracker.limits) + 2
     cache = LatentKVCache.for_model(model, len(prompts), max_len, extra_layers=1)
     sampler = Sampler(params, len(prompts), cache.kv.device)
-    batch = Batch(len(prompts))
-    drafts, first, logprobs = _prefill(model, prompts, cache, sampler)
-    for i, token, logprob in zip(batch.requests, first, logprobs):
+    rows = RequestRows(len(prompts))
+    drafts, first, logprobs = prefill(model, prompts, cache, sampler)
+    for i, token, logprob in zip(rows.requests, first, logprobs):
         yield tracker.push(i, token, logprob)
     while tracker.unfinished:
-        if (kept := batch.compact(tracker, cache, sampler)) is not None:
+        if (kept := rows.compact(tracker, cache, sampler)) is not None:
             drafts.keep(kept)
-        drafts, accepted, tokens, logprobs = _verify(model, cache, sampler, drafts)
-        for i, ok, (y0, y1), (lp0, lp1) in zip(batch.requests, accepted, tokens, logprobs):
+        drafts, accepted, tokens, logprobs = verify(model, cache, sampler, drafts)
+        for i, ok, (y0, y1), (lp0, lp1) in zip(rows.requests, accepted, tokens, logprobs):
             if tracker.done(i):
                 continue
             row = tracker.rows[i]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.cache import LatentKVCache
 from nanoseek.model.ffn import FFN
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
@@ -18,11 +19,12 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = MLA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else FFN(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask)
+                attn_mask: torch.Tensor | None = None, cache: LatentKVCache | None = None) -> torch.Tensor:
+        """h [B, T, D] -> [B, T, D]. `attn_mask` / `cache`: see `MLA.forward`."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,9 +1,13 @@
-"""Multi-head Latent Attention (REFERENCE §2).
+"""Multi-head Latent Attention (DeepSeek-V2 paper, §2.1; DeepSeek-V3 technical report, §2.1.1).
 
 Keys and values are rebuilt from one low-rank latent `c` (kv_lora_rank) plus a single RoPE key `k_pe`
-shared by all heads. Training (and prefill) use the naive path below: expand `c` to per-head keys and
-values with `kv_b_proj`, then ordinary causal attention. Decoding needs only `c` and `k_pe` per token;
-the weight-absorbed decode path lives with the inference engine and reads the same parameters.
+shared by all heads. One module, two ways to compute the same attention, chosen by the `cache` argument:
+
+- without a cache (training, scoring): the naive path. Expand `c` to per-head keys and values with
+  `kv_b_proj`, then ordinary causal attention (SDPA).
+- with a `LatentKVCache` (generation, prefill and decode alike): the absorbed path. Only `c` and `k_pe`
+  are stored per token; `kv_b_proj` is folded into the query (W_UK) and the output (W_UV), so keys and
+  values are never expanded per head.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.cache import LatentKVCache
 from nanoseek.model.linear import linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.layer_idx = layer_idx  # which layer of a LatentKVCache this attention reads and writes
         self.n_heads = cfg.num_attention_heads
         self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -62,11 +68,22 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, self.n_heads, S, self.d_rope)], dim=-1)
         return k, v
 
-    # -- naive path: training and prefill --------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal self-attention over x [B, T, D]. attn_mask: optional bool [B, 1, T, T] (True = attend),
-        used for padded batches; without it the causal mask is implicit (faster SDPA path)."""
+                attn_mask: torch.Tensor | None = None, cache: LatentKVCache | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, T, D].
+
+        Without `cache`: attn_mask is an optional bool [B, 1, T, T] (True = attend) for padded or packed
+        batches; without it the causal mask is implicit (faster SDPA path).
+        With `cache`: the tokens go to the slots of `cache.step` and attend to everything valid before
+        them (the step's mask; attn_mask must be None)."""
+        if cache is not None:
+            if attn_mask is not None:
+                raise ValueError("with a cache the attention mask comes from the cache step")
+            return self.absorbed(x, cos, sin, cache)
+        return self.naive(x, cos, sin, attn_mask)
+
+    def naive(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              attn_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
         c, k_pe = self.latent(x, cos, sin)
@@ -76,42 +93,31 @@ class MLA(nn.Module):
                                              scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v))
 
-    # -- absorbed path: inference with a latent cache (nanoseek.inference.cache) ------------------------
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, start: int,
-               mask: torch.Tensor) -> torch.Tensor:
-        """Attention for x [B, T, D] whose tokens go to cache slots start..start+T-1, with W_UK folded into
-        the query and W_UV into the output, so keys and values are never expanded per head.
-
-        cache [B, max_len, r_kv + d_r] rows are [c | k_pe]; this call writes the new tokens' rows.
-        mask: additive float [B, 1 or T, start + T] (0 = attend, -inf = not).
-        Same math as `forward`, in fewer and larger ops: decoding is bound by per-op overhead.
-        """
+    def absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        """Same math as `naive`, over the latent cache, in fewer and larger ops: generation is bound by
+        per-op overhead. Cache rows are [c | k_pe]; this call writes the new tokens' rows, then attends
+        with the step's additive mask [B, 1 or T, start + T]."""
         B, T, _ = x.shape
-        H, r, d_n, S = self.n_heads, self.kv_lora_rank, self.d_nope, start + T
+        H, r, d_n = self.n_heads, self.kv_lora_rank, self.d_nope
+        step, kv_all = cache.step, cache.layer(self.layer_idx)
+        S = step.start + T
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(_rms_norm(self.q_a_layernorm, self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, H, -1).transpose(1, 2).split([d_n, self.d_rope], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.d_rope], dim=-1)
+        # Query and key RoPE in one call: the shared key rides along as head H.
         pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(1)], dim=1), cos, sin, self.cfg.rope_interleave)
-        cache[:, start:S] = torch.cat([_rms_norm(self.kv_a_layernorm, c), pe[:, H]], dim=-1)
+        kv_all[:, step.start:S] = torch.cat([self.kv_a_layernorm(c), pe[:, H]], dim=-1)
         # kv_b_proj.weight viewed [H, d_n + d_v, r_kv]: W_UK = first d_n rows per head, W_UV = the rest.
         w_kv = self.kv_b_proj.weight.view(H, d_n + self.d_v, r)
         q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, d_n), w_kv[:, :d_n])  # q~ = q_nope W_UK
         q = torch.cat([q_lat.view(H, B, T, r).transpose(0, 1), pe[:, :H]], dim=-1)  # [B, H, T, r + d_r]
-        kv = cache[:, :S]
-        if T > 1:
-            mask = mask.repeat(1, H, 1)  # [B, T, S] -> [B, H * T, S], head-major like q below
+        kv = kv_all[:, :S]
+        mask = step.mask if T == 1 else step.mask.repeat(1, H, 1)  # [B, T, S] -> [B, H * T, S], head-major
         scores = torch.baddbmm(mask, q.reshape(B, H * T, r + self.d_rope), kv.transpose(1, 2), alpha=self.scale)
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
         o = torch.bmm(probs, kv[..., :r])  # attention over the latents: [B, H * T, r]
         o = torch.bmm(o.view(B, H, T, r).transpose(0, 1).reshape(H, B * T, r), w_kv[:, d_n:].transpose(1, 2))
         return self.o_proj(o.view(H, B, T, self.d_v).permute(1, 2, 0, 3).reshape(B, T, H * self.d_v))
-
-
-def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` as one fused op where that is exact enough (float32); the module otherwise."""
-    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-    return norm(x)

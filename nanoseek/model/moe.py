@@ -1,10 +1,16 @@
-"""DeepSeekMoE: fine-grained routed experts + always-on shared experts (REFERENCE §1).
+"""DeepSeekMoE: fine-grained routed experts + always-on shared experts (DeepSeek-V3 technical report,
+§2.1.2; docs/design.md).
 
 The routed path is three separable steps so expert parallelism can slot in between them later:
   dispatch  - sort token copies by expert (an all-to-all under EP),
   compute   - one grouped GEMM over the expert-sorted rows (`torch.nn.functional.grouped_mm`),
   combine   - un-sort, weight by the router and sum the K copies of each token.
 The combine gathers by a fixed permutation and sums in a fixed order, so results are deterministic.
+
+Few tokens on CPU (decoding a small batch) take another route to the same sum: one matmul pair per
+expert that received tokens (`GroupedExperts.per_expert`). CPU `grouped_mm` loops over every expert,
+empty or not, which then costs more than the experts themselves. On accelerators the grouped GEMM is one
+kernel and needs no host sync, so it is always used there.
 """
 
 from __future__ import annotations
@@ -69,8 +75,30 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
     def forward(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows [N*K, D] sorted by expert (see `dispatch`) -> each row through its expert."""
         gate, up = _grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
         return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Routed expert e on rows x [n, D]: down(silu(gate(x)) * up(x))."""
+        gate, up = F.linear(x, self.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
+
+    def per_expert(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k E_{idx_k}(x) for x [N, D], computing only the experts that received tokens."""
+        N, K = idx.shape
+        if N == 1:  # one token (batch-1 decoding): no sorting, just its K experts
+            return sum(w * self.expert(x, e) for e, w in zip(idx[0].tolist(), weights[0].tolist()))
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        rows = x[order // K]
+        outs, first = [], 0
+        for e, count in enumerate(torch.bincount(flat, minlength=self.down_proj.shape[0]).tolist()):
+            if count:
+                outs.append(self.expert(rows[first:first + count], e))
+                first += count
+        out = torch.empty_like(rows).index_copy(0, order, torch.cat(outs)).view(N, K, -1)
+        return torch.bmm(weights.to(x.dtype).unsqueeze(1), out).squeeze(1)
 
 
 class MoE(nn.Module):
@@ -85,17 +113,27 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # set by forward in training when alpha > 0
 
+    def few_tokens(self, x: torch.Tensor) -> bool:
+        """Whether routed experts run one by one (`GroupedExperts.per_expert`): on CPU, when the token
+        copies (N * top_k) are fewer than twice the experts, so many experts get none or one."""
+        return x.device.type == "cpu" and x.shape[0] * self.cfg.num_experts_per_tok < 2 * self.cfg.n_routed_experts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, idx, scores = self.gate(flat)
-        rows, plan = dispatch(flat, idx, self.cfg.n_routed_experts)
-        out = combine(self.experts(rows, plan.offsets), plan, weights)
+        if self.few_tokens(flat):
+            out, counts = self.experts.per_expert(flat, weights, idx), None
+        else:
+            rows, plan = dispatch(flat, idx, self.cfg.n_routed_experts)
+            out, counts = combine(self.experts(rows, plan.offsets), plan, weights), plan.counts
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         self.balance_loss = None
         if self.training:
-            self.expert_load += plan.counts.to(self.expert_load.dtype)
+            if counts is None:
+                counts = torch.bincount(idx.reshape(-1), minlength=self.cfg.n_routed_experts)
+            self.expert_load += counts.to(self.expert_load.dtype)
             alpha = self.cfg.aux_loss_alpha
             self.balance_loss = (sequence_balance_loss(scores, idx, self.cfg.n_routed_experts, idx.shape[1], B,
                                                        alpha, self.cfg.seq_aux) if alpha > 0 else None)

@@ -1,9 +1,11 @@
-"""Multi-token prediction (REFERENCE §4).
+"""Multi-token prediction (DeepSeek-V3 technical report, §2.2).
 
 Module k combines the previous depth's hidden state at position i with the embedding of token i+k:
   h'_k = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_{k-1,i})]),  h_k = Block(h'_k),
 and predicts token i+k+1 through the shared output head. Embedding and head are the main model's.
 For k = 1, h_0 is the main trunk's final (normed) hidden state, the one the output head reads.
+The block is layer `num_hidden_layers + k - 1` of the model, which is also the layer of a
+`LatentKVCache` it uses when speculative decoding drafts with it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
+from nanoseek.model.cache import LatentKVCache
 from nanoseek.model.linear import linear
 from nanoseek.model.norm import RMSNorm
 
@@ -36,7 +39,9 @@ class MTPModule(nn.Module):
         self.shared_head = SharedHeadNorm(cfg)
 
     def forward(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """prev_hidden, next_embeds [B, T, D] aligned by position -> this depth's hidden [B, T, D]."""
+                sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cache: LatentKVCache | None = None) -> torch.Tensor:
+        """prev_hidden, next_embeds [B, T, D] aligned by position -> this depth's hidden [B, T, D].
+        `attn_mask` / `cache`: see `MLA.forward`."""
         h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(prev_hidden)], dim=-1))
-        return self.block(h, cos, sin, attn_mask)
+        return self.block(h, cos, sin, attn_mask, cache)

@@ -1,4 +1,5 @@
-"""Rotary position embedding: plain RoPE and YaRN (REFERENCE §3), interleaved or half-split layout.
+"""Rotary position embedding: plain RoPE and YaRN (Peng et al., 2023, "YaRN: Efficient Context Window
+Extension"; DeepSeek-V3 technical report, §4.3), interleaved or half-split layout.
 
 DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; we rotate those pairs and write the
 result de-interleaved ([rotated evens | rotated odds]) exactly as transformers does. q and k get the same

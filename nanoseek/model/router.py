@@ -1,4 +1,5 @@
-"""The DeepSeekMoE gate (REFERENCE §1): scores, group-limited top-k, and load balancing.
+"""The DeepSeekMoE gate (DeepSeek-V3 technical report, §2.1.2): scores, group-limited top-k, and load
+balancing.
 
 V3 (`noaux_tc`): sigmoid scores; the per-expert bias `e_score_correction_bias` is added for *selection
 only*; groups are ranked by the sum of their top-2 biased scores; weights come from the unbiased scores,
@@ -61,7 +62,7 @@ class Router(nn.Module):
 
 def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, n_experts: int, top_k: int,
                           batch: int, alpha: float, per_sequence: bool = True) -> torch.Tensor:
-    """The complementary balance loss L = alpha * sum_i f_i P_i (REFERENCE §1).
+    """The complementary balance loss L = alpha * sum_i f_i P_i (DeepSeek-V3 technical report, §2.1.2).
 
     Per sequence (V3) by default; `per_sequence=False` treats the batch as one sequence, which is the
     classic batch-wise auxiliary loss of earlier MoEs (used for the balancing comparison).

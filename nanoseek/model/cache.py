@@ -1,8 +1,8 @@
-"""The latent KV cache of Multi-head Latent Attention (REFERENCE §2).
+"""The latent KV cache of Multi-head Latent Attention (DeepSeek-V2 paper, §2.1; docs/design.md).
 
 Per token and layer MLA needs only the normalised latent `c` (kv_lora_rank) and the rotated shared RoPE
-key `k_pe` (qk_rope_head_dim); the per-head keys and values are never materialised at decode time (the
-absorbed path in `MLA.decode` folds `kv_b_proj` into the query and the output instead). We store the
+key `k_pe` (qk_rope_head_dim); the per-head keys and values are never materialised when a cache is used
+(the absorbed path of `MLA.forward` folds `kv_b_proj` into the query and the output instead). We store the
 two side by side in one row, `[c | k_pe]`, because the absorbed score is then a single dot product:
 `q~ . c + q_pe . k_pe = [q~ | q_pe] . [c | k_pe]`.
 
@@ -12,13 +12,36 @@ left padding of ragged prompts, and speculative drafts that were rejected, are s
 that attention masks out. Each row keeps its own position counter (`lengths` = tokens cached so far,
 which is also the RoPE position of its next token), so positions stay contiguous per row whatever the
 slot layout.
+
+A forward pass with a cache first reserves slots for its tokens (`begin_step`); the resulting `CacheStep`
+(first slot, positions, attention mask) is what every layer of that pass shares, and the MTP module's
+pass over the same tokens reuses it (`cache.step`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 NEG_INF = float("-inf")
+
+
+@dataclass
+class CacheStep:
+    """The slots one forward pass writes, shared by all its layers."""
+    start: int  # first slot of the step
+    positions: torch.Tensor  # [batch, n] RoPE positions of the step's tokens
+    mask: torch.Tensor  # additive [batch, 1 or n, start + n]: 0 = attend, -inf = not
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), computed once per step
+
+    def rope_tables(self, rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the step's positions from `rotary`, computed on first use only."""
+        if self.rope is None:
+            self.rope = rotary(self.positions)
+        return self.rope
 
 
 class LatentKVCache:
@@ -36,6 +59,7 @@ class LatentKVCache:
         self.bias = torch.full((batch, max_len), NEG_INF, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.slot = 0  # next free slot, shared by all rows
+        self.step: CacheStep | None = None  # the step reserved last (see `begin_step`)
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, extra_layers: int = 0) -> "LatentKVCache":
@@ -66,15 +90,15 @@ class LatentKVCache:
         return self.nbytes() / (self.batch * self.max_len)
 
     def layer(self, i: int) -> torch.Tensor:
-        """[batch, max_len, kv_lora_rank + rope_dim] view of layer i; `MLA.decode` writes into it."""
+        """[batch, max_len, kv_lora_rank + rope_dim] view of layer i; `MLA.forward` writes into it."""
         return self.kv[i]
 
     # ------------------------------------------------------------------ bookkeeping
-    def append(self, valid: torch.Tensor | None, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def begin_step(self, n: int, valid: torch.Tensor | None = None) -> CacheStep:
         """Reserve the next `n` slots for a step; `valid` [batch, n] bool marks real tokens (None: all).
 
-        Returns (first slot, position ids [batch, n], additive mask [batch, 1 or n, slots so far]).
-        The mask is shared by every layer of the step, so it is built once here.
+        Returns the step (first slot, position ids [batch, n], additive mask [batch, 1 or n, slots so far])
+        and keeps it as `self.step`. The mask is shared by every layer of the step, so it is built once here.
         """
         start, end = self.slot, self.slot + n
         if end > self.max_len:
@@ -89,9 +113,9 @@ class LatentKVCache:
             positions = self.lengths[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
             self.bias[:, start:end].masked_fill_(valid, 0.0)
             self.lengths += valid.sum(1)
-        if n == 1:
-            return start, positions, self.bias[:, None, :end]
-        return start, positions, self._block_mask(start, end)
+        mask = self.bias[:, None, :end] if n == 1 else self._block_mask(start, end)
+        self.step = CacheStep(start, positions, mask)
+        return self.step
 
     def _block_mask(self, start: int, end: int) -> torch.Tensor:
         """[batch, n, end] mask for a multi-token step: past valid slots, causal inside the new block,
@@ -109,6 +133,7 @@ class LatentKVCache:
         self.kv = self.kv.index_select(1, index)
         self.bias = self.bias.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
+        self.step = None  # per-row tensors of the last step no longer match the rows
 
     def invalidate(self, rows: torch.Tensor, slot: int) -> None:
         """Mark `slot` as holding no token for the rows where `rows` (bool [batch]) is True, and give
