@@ -225,20 +225,23 @@ def test_no_stale_balance_loss_from_layers_that_did_not_run():
 
 
 def test_few_token_expert_loop_matches_grouped_experts():
-    """The CPU per-expert route for few tokens computes the same MoE output and gradients."""
+    """The CPU per-expert route computes the same MoE output, gradients and expert loads as the grouped
+    route, for one token and for several; the route is chosen by the token count."""
     cfg = preset("tiny", n_routed_experts=8, num_experts_per_tok=2, aux_loss_alpha=0.0)
     torch.manual_seed(0)
     moe = DeepseekV3ForCausalLM(cfg).moe_layers()[0].train()
-    x = torch.randn(1, 5, cfg.hidden_size, requires_grad=True)
-    assert moe.few_tokens(x.view(-1, cfg.hidden_size))
-    loop = moe(x)
-    g_loop = torch.autograd.grad(loop.sum(), [x, moe.experts.gate_up_proj])
-    load_loop = moe.expert_load.clone()
-    moe.expert_load.zero_()
-    moe.few_tokens = lambda flat: False  # force the grouped route on the same tokens
-    grouped = moe(x)
-    g_grouped = torch.autograd.grad(grouped.sum(), [x, moe.experts.gate_up_proj])
-    torch.testing.assert_close(loop, grouped, atol=1e-6, rtol=1e-5)
-    for a, b in zip(g_loop, g_grouped):
+    assert moe.few_tokens(torch.zeros(1, cfg.hidden_size)) and not moe.few_tokens(torch.zeros(2, cfg.hidden_size))
+    for n in (1, 5):
+        x = torch.randn(1, n, cfg.hidden_size, requires_grad=True)
+        results = []
+        for loop in (True, False):
+            moe.few_tokens = lambda flat, loop=loop: loop
+            moe.expert_load.zero_()
+            out = moe(x)
+            grads = torch.autograd.grad(out.sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj])
+            results.append((out, grads, moe.expert_load.clone()))
+        (a, ga, la), (b, gb, lb) = results
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert torch.equal(load_loop, moe.expert_load)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5)
+        assert torch.equal(la, lb) and la.sum() == n * 2
