@@ -10,7 +10,7 @@ import torch
 
 from nanoseek.errors import UserError
 from nanoseek.r1 import rollout as rollout_mod
-from nanoseek.r1.rollout import Completion, score_completion
+from nanoseek.r1.rollout import SampledTokens, score_completion
 from nanoseek.r1.tasks import Problem, get_task
 
 
@@ -194,7 +194,7 @@ def test_format_reward_fires_after_a_template_that_opened_think(model_dir, tok):
     prompt = "Q: 3+4\n<think>"
 
     def score(text):
-        c = Completion(tok.encode(text) + [tok.eos_id], [0.0] * 99, "stop")
+        c = SampledTokens(tok.encode(text) + [tok.eos_id], [0.0] * 99, "stop")
         return score_completion(task, problem, prompt, text, c).rewards
 
     good = score("3+4=7</think><answer>7</answer>")
@@ -279,7 +279,7 @@ def fake_groups(task, tok, rewards_by_group):
         group = []
         for ok in pattern:
             text = f"x</think><answer>{problem.answer}</answer>" if ok else "no idea"
-            c = Completion(tok.encode(text) + [tok.eos_id], [-1.0] * 40,
+            c = SampledTokens(tok.encode(text) + [tok.eos_id], [-1.0] * 40,
                            "stop" if ok else "length")
             group.append(score_completion(task, problem, prompt, text, c))
         groups.append(group)
@@ -324,7 +324,7 @@ def scripted(monkeypatch, tok):
             ans = str(eval(q))  # noqa: S307 - our own generated arithmetic
             text = f"{q}={ans}</think><answer>{ans}</answer>" if i % 2 == 0 else "hmm"
             reason = "stop" if i % 2 == 0 else "length"
-            out.append(Completion(tok.encode(text) + [tok.eos_id] * (i % 2 == 0), [0.0] * 99, reason))
+            out.append(SampledTokens(tok.encode(text) + [tok.eos_id] * (i % 2 == 0), [0.0] * 99, reason))
         return out
 
     monkeypatch.setattr(rollout_mod, "generate_completions", fake)

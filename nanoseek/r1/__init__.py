@@ -3,9 +3,9 @@
 This package's import is torch-free; training loops (GRPO, SFT, sampling) live in submodules and
 are re-exported lazily: `from nanoseek.r1 import run_grpo` imports torch only then."""
 
-from nanoseek.r1.metrics import EvalResult, Sample, maj_at_k, majority_vote, pass_at_k
+from nanoseek.r1.eval_metrics import EvalResult, Sample, maj_at_k, majority_vote, pass_at_k
 from nanoseek.r1.rewards import (
-    PRESETS,
+    REWARD_PRESETS,
     ParsedCompletion,
     RewardConfig,
     accuracy_reward,
@@ -65,7 +65,7 @@ def __getattr__(name: str):
 
 __all__ = [*_LAZY,
     "EvalResult", "Sample", "maj_at_k", "majority_vote", "pass_at_k",
-    "PRESETS", "ParsedCompletion", "RewardConfig", "accuracy_reward", "compute_rewards",
+    "REWARD_PRESETS", "ParsedCompletion", "RewardConfig", "accuracy_reward", "compute_rewards",
     "extract_answer", "format_reward", "language_consistency", "language_reward",
     "overlong_penalty", "parse_completion",
     "TASKS", "TEMPLATES", "Problem", "Task", "chat_prompt", "compact_prompt", "format_prompt",

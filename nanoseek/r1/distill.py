@@ -65,6 +65,11 @@ def run_distill(cfg: DistillConfig, resume: bool = False) -> Trainer:
     """SFT of the student on the traces in `cfg.data`."""
     if not cfg.data:
         raise UserError("distill needs the teacher's traces (--teacher-traces FILE.jsonl)")
+    traces = Path(cfg.data)
+    if not traces.exists():
+        raise UserError(f"teacher traces {traces}: no such file (write them with `nanoseek sample`)")
+    if not traces.is_file():
+        raise UserError(f"teacher traces {traces}: not a file (a directory?); give the JSONL file")
     return run_sft(student_config(cfg), resume=resume)
 
 

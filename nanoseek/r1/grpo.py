@@ -41,8 +41,8 @@ from nanoseek.r1.configs import GRPOConfig
 from nanoseek.r1.grpo_batches import RolloutSource
 from nanoseek.r1.grpo_objective import grpo_loss_fn
 from nanoseek.r1.grpo_report import greedy_eval, write_samples
-from nanoseek.r1.rollout import render_prompt, tokenizer_files
-from nanoseek.r1.sft import config_from_args, resolve_tokenizer_dir
+from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for, tokenizer_files
+from nanoseek.r1.sft import config_from_args
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.train.core import Trainer, seed_everything
 from nanoseek.train.pretrain import build_model, train_flops_per_token
@@ -68,12 +68,11 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
         raise UserError(f"model directory {cfg.init_from} does not exist")
     seed_everything(cfg.seed)
     task = cfg.make_task()
-    tok_dir = resolve_tokenizer_dir(cfg)
+    tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
-    # seq_len is not a GRPO setting: sequences are prompt + max_new_tokens, checked at generation
+    # GRPO has no seq_len: sequences are prompt + max_new_tokens, checked at generation
     model = build_model(dataclasses.replace(cfg, seq_len=2), tokenizer.vocab_size)
-    context = cfg.max_new_tokens + max(len(tokenizer.encode(render_prompt(p, cfg.template,
-                                                                          tokenizer), special=True))
+    context = cfg.max_new_tokens + max(len(encode_prompt(p, cfg.template, tokenizer))
                                        for p in task.train[:50])
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, context),
                       cfg.prompts_per_step * cfg.group_size * context,

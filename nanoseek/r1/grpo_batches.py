@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.data.shuffle import EpochOrder
 from nanoseek.errors import UserError
 from nanoseek.r1.configs import GRPOConfig
 from nanoseek.r1.grpo_loss import group_advantages, informative_groups, sequence_logprobs, token_weights
-from nanoseek.r1.rollout import Scored, Throughput, rollout
+from nanoseek.r1.rollout import Scored, Stopwatch, encode_prompt, rollout
 from nanoseek.r1.tasks import Task
 from nanoseek.train.core import Trainer
 
@@ -116,7 +117,7 @@ class RolloutSource:
         self.cursor = 0  # training prompts consumed (endless, reshuffled every epoch)
         self.pos = 0  # micro-batches served from `batch`
         self.batch: RolloutBatch | None = None
-        self._epoch, self._perm = -1, []  # cached prompt order of the current epoch
+        self.order = EpochOrder(len(task.train), cfg.seed, stream="grpo-prompts")
         self._started: float | None = None  # for time_limit_min
 
     # -------------------------------------------------------------- the core's interface
@@ -144,14 +145,15 @@ class RolloutSource:
 
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts, "cursor": self.cursor, "pos": self.pos,
-                "batch": self.batch, "signature": self.signature()}
+                "batch": None if self.batch is None else dict(vars(self.batch)),  # plain values: no pickle
+                "signature": self.signature()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("signature") != self.signature():
             raise UserError("cannot resume GRPO: the task or rollout settings changed since the "
                             f"checkpoint ({state.get('signature')} vs {self.signature()})")
         self.rollouts, self.cursor, self.pos = state["rollouts"], state["cursor"], state["pos"]
-        self.batch = state["batch"]
+        self.batch = None if state["batch"] is None else RolloutBatch(**state["batch"])
 
     def signature(self) -> dict:
         c = self.cfg
@@ -162,20 +164,11 @@ class RolloutSource:
     # -------------------------------------------------------------- drawing a batch
     def next_problems(self, n: int) -> list:
         """The next n training problems of a seeded order that is reshuffled every epoch."""
-        train = self.task.train
         out = []
         for _ in range(n):
-            epoch, i = divmod(self.cursor, len(train))
-            out.append(train[self._order(epoch)[i]])
+            out.append(self.task.train[self.order[self.cursor]])
             self.cursor += 1
         return out
-
-    def _order(self, epoch: int) -> list[int]:
-        if self._epoch != epoch:
-            self._perm = list(range(len(self.task.train)))
-            random.Random(f"grpo-prompts:{self.cfg.seed}:{epoch}").shuffle(self._perm)
-            self._epoch = epoch
-        return self._perm
 
     def sample_groups(self, round_: int) -> list[list[Scored]]:
         cfg = self.cfg
@@ -193,7 +186,7 @@ class RolloutSource:
         G = cfg.group_size
         every: list[list[Scored]] = []
         kept: list[list[Scored]] = []
-        with Throughput() as timer:
+        with Stopwatch() as timer:
             for round_ in range(1 + (cfg.max_resample if cfg.uses_dynamic_sampling else 0)):
                 groups = self.sample_groups(round_)
                 every += groups
@@ -217,7 +210,7 @@ class RolloutSource:
 
     def tensorize(self, groups: list[list[Scored]], stats: dict, samples: list) -> RolloutBatch:
         cfg = self.cfg
-        prompt_ids = [self.tok.encode(g[0].prompt, special=True) for g in groups]
+        prompt_ids = [encode_prompt(g[0].problem, cfg.template, self.tok) for g in groups]
         ids, attn, comp = batch_tensors(groups, prompt_ids, self.tok.pad_id, cfg.mask_truncated)
         rewards = torch.tensor([s.rewards["total"] for g in groups for s in g])
         adv = group_advantages(rewards, cfg.group_size, scale_std=cfg.loss != "dr_grpo")

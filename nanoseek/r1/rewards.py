@@ -20,14 +20,12 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nanoseek.data.tokenizer import ANSWER, END_ANSWER, END_THINK, REASONING_TOKENS, THINK
 from nanoseek.errors import UserError
 
 if TYPE_CHECKING:
     from nanoseek.r1.tasks import Problem, Task
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 
 # ------------------------------------------------------------------ parsing completions
@@ -52,36 +50,37 @@ def parse_completion(completion: str, prompt_opened_think: bool | None = None) -
     prompt opened one. Pass the real value when you know it; the guess accepts a completion that
     re-opens `<think>` the prompt already opened."""
     if prompt_opened_think is None:
-        prompt_opened_think = THINK_OPEN not in completion
-    text = (THINK_OPEN if prompt_opened_think else "") + completion
+        prompt_opened_think = THINK not in completion
+    text = (THINK if prompt_opened_think else "") + completion
     think = _think_text(text)
-    for tag in _TAGS:
+    for tag in REASONING_TOKENS:
         count = text.count(tag)
         if count != 1:
             return ParsedCompletion(False, think, None, f"{count} {tag} tags (need exactly 1)")
-    positions = [text.index(tag) for tag in _TAGS]
+    positions = [text.index(tag) for tag in REASONING_TOKENS]
     if positions != sorted(positions):
         return ParsedCompletion(False, think, None, "tags out of order")
     if text[: positions[0]].strip():
         return ParsedCompletion(False, think, None, "text before <think>")
-    if text[positions[1] + len(THINK_CLOSE): positions[2]].strip():
+    if text[positions[1] + len(END_THINK): positions[2]].strip():
         return ParsedCompletion(False, think, None, "text between </think> and <answer>")
-    if text[positions[3] + len(ANSWER_CLOSE):].strip():
+    if text[positions[3] + len(END_ANSWER):].strip():
         return ParsedCompletion(False, think, None, "text after </answer>")
-    answer = text[positions[2] + len(ANSWER_OPEN): positions[3]].strip()
+    answer = text[positions[2] + len(ANSWER): positions[3]].strip()
     if not answer:
         return ParsedCompletion(False, think, None, "empty answer")
     return ParsedCompletion(True, think, answer)
 
 
 def _think_text(text: str) -> str | None:
-    start, end = text.find(THINK_OPEN), text.find(THINK_CLOSE)
+    start, end = text.find(THINK), text.find(END_THINK)
     if start < 0 or end < start:
         return None
-    return text[start + len(THINK_OPEN): end].strip()
+    return text[start + len(THINK): end].strip()
 
 
-_ANSWER_RE = re.compile(r"<answer>((?:(?!</?answer>).)*)</answer>", re.S)
+_ANSWER_RE = re.compile(f"{re.escape(ANSWER)}((?:(?!{re.escape(ANSWER)}|{re.escape(END_ANSWER)}).)*)"
+                        f"{re.escape(END_ANSWER)}", re.S)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -180,7 +179,7 @@ REWARD_NAMES = ("accuracy", "format", "language", "overlong")
 
 # Our choices where the papers give none. "tinyzero" reproduces TinyZero's countdown scheme exactly:
 # correct (hence well formed) -> 0.9 + 0.1 = 1.0, well formed but wrong -> 0.1, malformed -> 0.
-PRESETS: dict[str, dict[str, float]] = {
+REWARD_PRESETS: dict[str, dict[str, float]] = {
     "r1_zero": {"accuracy": 1.0, "format": 0.5},
     "r1": {"accuracy": 1.0, "format": 0.5, "language": 1.0},
     "tinyzero": {"accuracy": 0.9, "format": 0.1},
@@ -194,7 +193,7 @@ class RewardConfig:
     """Weights of the reward components (missing ones weigh 0), the overlong buffer in tokens
     (None: a fifth of max_tokens, as DAPO's 4096 of 20480) and the target script of the CoT."""
 
-    weights: dict[str, float] = field(default_factory=lambda: dict(PRESETS["r1_zero"]))
+    weights: dict[str, float] = field(default_factory=lambda: dict(REWARD_PRESETS["r1_zero"]))
     overlong_buffer: int | None = None
     language: str = "latin"
 
@@ -208,9 +207,9 @@ class RewardConfig:
     @classmethod
     def preset(cls, name: str, **kwargs) -> RewardConfig:
         """A named weighting: r1_zero, r1, tinyzero, dapo, accuracy."""
-        if name not in PRESETS:
-            raise UserError(f"unknown reward preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(weights=dict(PRESETS[name]), **kwargs)
+        if name not in REWARD_PRESETS:
+            raise UserError(f"unknown reward preset {name!r}; presets: {', '.join(REWARD_PRESETS)}")
+        return cls(weights=dict(REWARD_PRESETS[name]), **kwargs)
 
     @classmethod
     def parse(cls, spec: str, **kwargs) -> RewardConfig:

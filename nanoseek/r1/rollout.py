@@ -21,10 +21,19 @@ from typing import Sequence
 
 import torch
 
+from nanoseek.data.tokenizer import THINK
 from nanoseek.errors import UserError
-from nanoseek.r1.metrics import Sample
+from nanoseek.r1.eval_metrics import Sample
 from nanoseek.r1.rewards import RewardConfig, compute_rewards, parse_completion
-from nanoseek.r1.tasks import Problem, Task, format_prompt, get_task, prompt_opens_think
+from nanoseek.r1.tasks import (
+    Problem,
+    Task,
+    chat_messages,
+    format_prompt,
+    get_task,
+    prompt_opens_think,
+)
+from nanoseek.r1.verify import VerifierTimeout, run_with_timeout, to_score
 
 
 # ================================================================== model + tokenizer
@@ -62,6 +71,19 @@ def tokenizer_files(directory: str | Path) -> dict[str, Path]:
     return {n: d / n for n in names if (d / n).is_file()}
 
 
+def tokenizer_dir_for(cfg) -> Path:
+    """The tokenizer directory of a recipe config: its `tokenizer` setting (SFT, distill), else the
+    starting model's directory. One clear error naming where it looked."""
+    tried = [c for c in (getattr(cfg, "tokenizer", ""), cfg.init_from, cfg.model) if c]
+    for candidate in tried:
+        if (Path(candidate) / "tokenizer.json").is_file():
+            return Path(candidate)
+    where = ", ".join(dict.fromkeys(map(str, tried))) or "no directory given"
+    alternative = " or tokenizer=DIR" if hasattr(cfg, "tokenizer") else ""
+    raise UserError(f"no tokenizer.json in {where}: give a model directory that holds one"
+                    f"{alternative}")
+
+
 # ================================================================== tasks and prompts
 
 
@@ -83,11 +105,9 @@ def check_verifier(task: Task, n: int = 3) -> None:
     During training a verifier failure only costs a zero reward (a policy must not be able to stop
     a run by provoking one), so a verifier that is broken outright would silently train on
     nothing. This turns that case into one clear error up front."""
-    from nanoseek.r1.verify import VerifierTimeout, _to_score, run_with_timeout
-
     for problem in (task.train or task.test)[:n]:
         try:
-            _to_score(run_with_timeout(task.verifier, problem.answer, problem,
+            to_score(run_with_timeout(task.verifier, problem.answer, problem,
                                        timeout_s=task.timeout_s))
         except VerifierTimeout:
             raise UserError(f"the {task.name} verifier timed out (> {task.timeout_s}s) on the "
@@ -98,16 +118,29 @@ def check_verifier(task: Task, n: int = 3) -> None:
 
 
 def render_prompt(problem: Problem, template: str, tokenizer) -> str:
+    """The prompt as text: what the sample tables, traces and the format reward see."""
     return format_prompt(problem, template, tokenizer.apply_chat_template)
+
+
+def encode_prompt(problem: Problem, template: str, tokenizer) -> list[int]:
+    """The prompt's token ids, the same tokens as `render_prompt`'s text. Problems come from task
+    files, so their text is encoded as text: a `<|system|>` typed in a question stays characters
+    and cannot forge a turn. Turn boundaries of the chat template are built structurally
+    (`encode_chat`), the opened `<think>` is a reasoning tag (one token either way)."""
+    if template == "chat":
+        ids = tokenizer.encode_chat(chat_messages(problem), add_generation_prompt=True)
+        return ids + tokenizer.encode(THINK)  # chat_prompt opens <think> after the assistant tag
+    return tokenizer.encode(render_prompt(problem, template, tokenizer))
 
 
 # ================================================================== generation
 
 
 @dataclass
-class Completion:
-    """One generated continuation: token ids (eos included when it stopped on one), their
-    log-probabilities, and why it ended: "stop" (eos / stop token) or "length" (truncated)."""
+class SampledTokens:
+    """What the policy sampled for one prompt: token ids (eos included when it stopped on one),
+    their log-probabilities, and why it ended: "stop" (eos / stop token) or "length" (truncated).
+    The R1 loops' copy of the engine's result, with lists they can keep and index."""
 
     tokens: list[int]
     logprobs: list[float]
@@ -122,7 +155,7 @@ class Completion:
 def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                          eos_id: int, temperature: float = 1.0, top_p: float = 1.0,
                          seed: int | None = None, batch_size: int = 64,
-                         progress: str | None = None) -> list[Completion]:
+                         progress: str | None = None) -> list[SampledTokens]:
     """Sample one completion per prompt (repeat a prompt G times for a group). Row i uses seed
     `seed + i`, so a run is reproducible whatever the batching. The model is put in eval mode for
     the call (no expert-load accounting) and restored afterwards. `progress` names a progress bar
@@ -140,14 +173,14 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tok
         raise UserError("cannot generate from an empty prompt")
     was_training = model.training
     model.eval()
-    out: list[Completion] = []
+    out: list[SampledTokens] = []
     bar = progress_bar(len(prompts), progress, unit="seq")
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start:start + batch_size]]
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, seed=None if seed is None else seed + start)
-            out += [Completion(list(r.token_ids), list(r.logprobs), r.finish_reason)
+            out += [SampledTokens(list(r.token_ids), list(r.logprobs), r.finish_reason)
                     for r in generate(model, chunk, params, eos_token_id=eos_id)]
             bar.update(len(chunk))
     finally:
@@ -164,7 +197,7 @@ def progress_bar(total: int, desc: str | None, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, disable=off, dynamic_ncols=True, leave=False)
 
 
-def completion_text(tokenizer, completion: Completion) -> str:
+def completion_text(tokenizer, completion: SampledTokens) -> str:
     """Decoded completion without its final eos. Control tokens are kept, so a completion that
     wanders into a new chat turn is visibly malformed instead of silently cleaned up."""
     ids = completion.tokens
@@ -182,14 +215,14 @@ class Scored:
 
     prompt: str
     text: str
-    completion: Completion
+    completion: SampledTokens
     rewards: dict[str, float]
     sample: Sample
     problem: Problem = field(repr=False, default=None)
 
 
 def score_completion(task: Task, problem: Problem, prompt: str, text: str,
-                     completion: Completion, reward_cfg: RewardConfig | None = None,
+                     completion: SampledTokens, reward_cfg: RewardConfig | None = None,
                      max_tokens: int | None = None) -> Scored:
     """Rewards (with `prompt_opened_think` taken from the prompt, so the format reward can fire
     after a template that opened `<think>`) and the strict correctness used by the metrics."""
@@ -210,7 +243,7 @@ def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int
             progress: str | None = None) -> list[list[Scored]]:
     """`n` scored completions for each problem (greedy when temperature is 0: then use n = 1)."""
     prompts = [render_prompt(p, template, tokenizer) for p in problems]
-    ids = [tokenizer.encode(p, special=True) for p in prompts]
+    ids = [encode_prompt(p, template, tokenizer) for p in problems]
     flat = [x for x in ids for _ in range(n)]
     completions = generate_completions(model, flat, max_new_tokens=max_new_tokens,
                                        eos_id=tokenizer.eos_id, temperature=temperature,
@@ -224,8 +257,8 @@ def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int
     return out
 
 
-class Throughput:
-    """Times a block of work: `with Throughput() as t: ...`, then `t.seconds`."""
+class Stopwatch:
+    """Wall-clock time of a block: `with Stopwatch() as t: ...`, then `t.seconds`."""
 
     def __enter__(self):
         self.t0 = time.perf_counter()

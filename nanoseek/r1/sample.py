@@ -8,7 +8,9 @@ verifier accepts (well formed and correct, the accuracy reward's rule), and writ
 
 `prompt` is the exact text the model was prompted with, so `nanoseek sft` / `nanoseek distill` use
 it as is (template "none") and the student learns the same prompt -> completion mapping the teacher
-was scored on. Identical completions of one problem are kept once.
+was scored on. With the chat template the row holds `"messages"` instead (user turn, then the
+assistant turn `<think>` + completion): the same tokens, with the turn boundaries built by the
+tokenizer rather than read from text. Identical completions of one problem are kept once.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ import argparse
 import json
 from pathlib import Path
 
-from nanoseek.errors import UserError
-from nanoseek.r1.evaluate import add_task_arguments, task_from_args
+from nanoseek.data.tokenizer import THINK
+from nanoseek.device import resolve_device
+from nanoseek.errors import UserError, require, warn
+from nanoseek.files import write_lines
+from nanoseek.r1.cli_options import (
+    add_task_arguments,
+    check_generation_args,
+    check_output_file,
+    task_from_args,
+)
 from nanoseek.r1.rollout import load_policy, rollout
-from nanoseek.r1.tasks import Task
+from nanoseek.r1.tasks import Problem, Task, chat_messages
 
 
 def sample_traces(model, tokenizer, task: Task, *, k: int = 8, template: str = "compact",
@@ -48,10 +58,10 @@ def sample_traces(model, tokenizer, task: Task, *, k: int = 8, template: str = "
             if max_per_problem and len(seen) >= max_per_problem:
                 break
             seen.add(s.text)
-            rows.append({"prompt": s.prompt, "completion": s.text, "answer": problem.answer,
-                         "problem": problem.prompt_text, "task": task.name, "template": template,
-                         "reward": s.rewards["total"], "tokens": len(s.completion.tokens),
-                         "model": model_name})
+            rows.append({**trace_text(problem, s.prompt, s.text, template),
+                         "answer": problem.answer, "problem": problem.prompt_text,
+                         "task": task.name, "template": template, "reward": s.rewards["total"],
+                         "tokens": len(s.completion.tokens), "model": model_name})
     n = len(problems) * k
     correct = sum(s.sample.correct for g in groups for s in g)
     stats = {"problems": len(problems), "samples": n, "correct": correct,
@@ -61,15 +71,21 @@ def sample_traces(model, tokenizer, task: Task, *, k: int = 8, template: str = "
     return rows, stats
 
 
+def trace_text(problem: Problem, prompt: str, completion: str, template: str) -> dict:
+    """The SFT fields of a trace. SFT encodes a file's text as text (typed control tokens stay
+    characters), so a chat-template prompt is stored as messages, whose turn tokens SFT builds
+    structurally; the assistant turn starts with the `<think>` the prompt opened."""
+    if template == "chat":
+        return {"messages": [*chat_messages(problem),
+                             {"role": "assistant", "content": THINK + completion}]}
+    return {"prompt": prompt, "completion": completion}
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """Write the traces atomically (a crash or a full disk never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_lines(path, (json.dumps(row, ensure_ascii=False) for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -80,26 +96,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output JSONL of verified traces")
     p.add_argument("--split", default="train", choices=("train", "test"),
                    help="problems to sample (train: never leak test answers into SFT data)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N problems")
     p.add_argument("--max-per-problem", type=int, default=0,
                    help="keep at most N distinct correct completions per problem (0 = all)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.train.core import resolve_device
-
+    check_generation_args(args, min_k=1)
+    require(args.max_per_problem >= 0, "--max-per-problem", args.max_per_problem, ">= 0 (0 = all)")
+    out = check_output_file(args.out, "--out")
+    device = resolve_device(args.device, "--device")
     task = task_from_args(args)
-    model, tok = load_policy(args.model, resolve_device(args.device))
+    model, tok = load_policy(args.model, device)
     rows, stats = sample_traces(model, tok, task, k=args.k, template=args.template,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, split=args.split, n_problems=args.limit or None,
                                 max_per_problem=args.max_per_problem or None, seed=args.seed,
                                 batch_size=args.batch_size, model_name=str(args.model))
-    out = write_jsonl(rows, args.out)
+    write_jsonl(rows, out)
     metrics = out.with_name(out.stem + ".metrics.jsonl")
     with open(metrics, "a", encoding="utf-8") as f:
         f.write(json.dumps({"out": str(out), "model": str(args.model), **stats}) + "\n")
@@ -107,5 +120,5 @@ def run(args: argparse.Namespace) -> int:
           f"({100 * stats['accept_rate']:.1f}% correct, {stats['problems_solved']}/"
           f"{stats['problems']} problems solved) -> {out}")
     if not rows:
-        print("warning: no completion verified; nothing to distill (try more samples, -k)")
+        warn("no completion verified; nothing to distill (try more samples, -k)")
     return 0

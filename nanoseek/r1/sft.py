@@ -30,12 +30,14 @@ from typing import Any
 
 import torch
 
+from nanoseek.data.jsonl import read_jsonl_objects
+from nanoseek.data.shuffle import EpochOrder
+from nanoseek.data.tokenizer import ROLES
 from nanoseek.errors import UserError
 from nanoseek.model.transformer import next_token_ce
-from nanoseek.r1.rollout import tokenizer_files
 from nanoseek.r1.configs import SFTConfig
-from nanoseek.r1.tasks import Problem, format_prompt
-from nanoseek.r1.tasks.jsonl_task import read_jsonl_objects
+from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for, tokenizer_files
+from nanoseek.r1.tasks import Problem
 from nanoseek.train.config import load_train_config
 from nanoseek.train.core import Trainer, seed_everything
 
@@ -72,34 +74,31 @@ def example_from_row(row: dict, tokenizer, template: str, where: str, lineno: in
     prompt, completion = row["prompt"], row["completion"]
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
         raise UserError(f"{where}: 'prompt' must be a string and 'completion' a non-empty string")
-    if template != "none":
+    if template == "none":
+        head = tokenizer.encode(prompt)  # a user file's text: typed control tokens stay text
+    else:
         meta = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
-        prompt = format_prompt(Problem(prompt, str(row.get("answer", "")), meta), template,
-                               tokenizer.apply_chat_template)
-    head = tokenizer.encode(prompt, special=True)
+        head = encode_prompt(Problem(prompt, str(row.get("answer", "")), meta), template, tokenizer)
     tail = tokenizer.encode(completion) + [tokenizer.eos_id]
     return Example(head + tail, [False] * len(head) + [True] * len(tail), lineno)
 
 
 def _chat_example(messages: Any, tokenizer, where: str, lineno: int) -> Example:
-    """BOS, then each turn as role token + content + eos; assistant content and its eos are the
-    targets. Turn by turn tokenization equals tokenizing the rendered chat, because the role and
-    eos tokens are special and split the text."""
+    """The chat format built by `tokenizer.encode_chat` (BOS, then role token + content + eos per
+    turn; contents encoded as text, so a typed `<|system|>` cannot forge a turn). Each assistant
+    turn's content and its eos are the targets."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list")
-    from nanoseek.data.tokenizer import ROLE_TOKENS
-
-    ids, target = [tokenizer.bos_id], [False]
+    ids, target = tokenizer.encode_chat([], add_generation_prompt=False), [False]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{where}: message {i} needs 'role' and 'content'")
-        if m["role"] not in ROLE_TOKENS or not isinstance(m["content"], str):
-            raise UserError(f"{where}: message {i}: role must be one of {', '.join(ROLE_TOKENS)} "
+        if m["role"] not in ROLES or not isinstance(m["content"], str):
+            raise UserError(f"{where}: message {i}: role must be one of {', '.join(ROLES)} "
                             f"and content a string")
-        content = tokenizer.encode(m["content"]) + [tokenizer.eos_id]
-        learn = m["role"] == "assistant"
-        ids += [tokenizer.token_id(ROLE_TOKENS[m["role"]])] + content
-        target += [False] + [learn] * len(content)
+        turn = tokenizer.encode_chat(messages[:i + 1], add_generation_prompt=False)[len(ids):]
+        ids += turn
+        target += [False] + [m["role"] == "assistant"] * (len(turn) - 1)  # role token: never
     if not any(target):
         raise UserError(f"{where}: no assistant message to learn from")
     return Example(ids, target, lineno)
@@ -179,25 +178,16 @@ class SFTSource:
         self.seqs, self.batch_size, self.seed, self.pad_id = seqs, batch_size, seed, pad_id
         self.consumed = 0
         self.fingerprint = _fingerprint(seqs)
-        self._perm_epoch, self._perm = -1, []
+        self.order = EpochOrder(len(seqs), seed, stream="sft")
 
     @property
     def batches_per_epoch(self) -> int:
         return max(1, -(-len(self.seqs) // self.batch_size))
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            self._perm = list(range(len(self.seqs)))
-            random.Random(f"sft:{self.seed}:{epoch}").shuffle(self._perm)
-            self._perm_epoch = epoch
-        return self._perm
-
     def next_batch(self) -> dict[str, torch.Tensor]:
-        n = len(self.seqs)
         picked = []
-        for _ in range(min(self.batch_size, n)):
-            epoch, i = divmod(self.consumed, n)
-            picked.append(self.seqs[self._order(epoch)[i]])
+        for _ in range(min(self.batch_size, len(self.seqs))):
+            picked.append(self.seqs[self.order[self.consumed]])
             self.consumed += 1
         return collate(picked, self.pad_id)
 
@@ -292,14 +282,6 @@ def sft_data(cfg: SFTConfig, tokenizer, n_mtp: int) -> tuple[list[Packed], list[
                  for exs in (train, val))
 
 
-def resolve_tokenizer_dir(cfg: SFTConfig) -> Path:
-    for candidate in (getattr(cfg, "tokenizer", ""), cfg.init_from, cfg.model):
-        if candidate and (Path(candidate) / "tokenizer.json").is_file():
-            return Path(candidate)
-    raise UserError("SFT needs a tokenizer: give a model directory that holds tokenizer.json, "
-                    "or tokenizer=DIR")
-
-
 def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
     """Fine-tune `cfg.init_from` (or a fresh `cfg.model`) on `cfg.data` with the shared core;
     returns the Trainer (history, out_dir/model = the exported result)."""
@@ -311,7 +293,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
     if cfg.init_from and not Path(cfg.init_from).is_dir():
         raise UserError(f"model directory {cfg.init_from} does not exist")
     seed_everything(cfg.seed)
-    tok_dir = resolve_tokenizer_dir(cfg)
+    tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
     model = build_model(cfg, tokenizer.vocab_size)
     train, val = sft_data(cfg, tokenizer, len(model.mtp))

@@ -317,7 +317,7 @@ class VerifierStats:
         return {"calls": self.calls, "errors": self.errors, "timeouts": self.timeouts}
 
 
-def _to_score(result: Any) -> float:
+def to_score(result: Any) -> float:
     """bool -> 0/1; a number (also numpy/torch scalars) -> clamped to [0, 1]; anything else (None,
     a string, NaN) is a verifier bug, raised as TypeError."""
     if isinstance(result, bool):
@@ -341,7 +341,7 @@ def guarded_score(verifier: Callable[[str, Any], Any], answer: str, problem: Any
     each kind at WARNING, the rest at DEBUG) so they are visible without flooding the log."""
     stats = stats if stats is not None else VerifierStats()
     try:
-        score = _to_score(run_with_timeout(verifier, answer, problem, timeout_s=timeout_s))
+        score = to_score(run_with_timeout(verifier, answer, problem, timeout_s=timeout_s))
     except VerifierTimeout as e:
         stats.record("timeout")
         _log_failure(stats.timeouts, "timed out", e)

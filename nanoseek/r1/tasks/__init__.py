@@ -21,6 +21,7 @@ from nanoseek.r1.tasks.templates import (
     FORMAT_INSTRUCTION,
     R1_ZERO_TEMPLATE,
     TEMPLATES,
+    chat_messages,
     chat_prompt,
     compact_prompt,
     format_prompt,
@@ -30,7 +31,7 @@ from nanoseek.r1.tasks.templates import (
 
 __all__ = [
     "FORMAT_INSTRUCTION", "R1_ZERO_TEMPLATE", "TASKS", "TEMPLATES", "Problem", "Task", "Verifier",
-    "arithmetic_task", "chat_prompt", "compact_prompt", "countdown_task", "format_prompt",
+    "arithmetic_task", "chat_messages", "chat_prompt", "compact_prompt", "countdown_task", "format_prompt",
     "get_task", "jsonl_task", "load_jsonl_problems", "load_verifier", "normalize_text",
     "prompt_opens_think", "r1_zero_prompt", "verify_arithmetic", "verify_countdown", "verify_math",
 ]

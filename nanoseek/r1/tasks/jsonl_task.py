@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
+from nanoseek.data.jsonl import read_jsonl_objects
 from nanoseek.errors import UserError
 from nanoseek.r1.tasks.problem import Problem, Task, normalize_text
 
@@ -25,26 +23,6 @@ def load_jsonl_problems(path: str | os.PathLike) -> list[Problem]:
     if not problems:
         raise UserError(f"{path}: no problems (the file is empty)")
     return problems
-
-
-def read_jsonl_objects(path: str | os.PathLike, label: str = "") -> Iterator[tuple[int, str, dict]]:
-    """(line number, "file:line", object) for each non-blank line; one UserError naming the file and
-    line for a missing file, invalid JSON or a line that is not a JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{label}{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, where, row
 
 
 def _problem_from_row(row: dict, where: str, lineno: int) -> Problem:

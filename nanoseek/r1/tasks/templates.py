@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from nanoseek.data.tokenizer import END_THINK, THINK
 from nanoseek.errors import UserError
 from nanoseek.r1.tasks.problem import Problem
 
@@ -32,17 +33,21 @@ def r1_zero_prompt(problem: Problem) -> str:
 
 def compact_prompt(problem: Problem) -> str:
     """A few tokens instead of ~80: small CPU models have ~256-token contexts. Ends in `<think>`."""
-    return f"Q: {problem.meta.get('compact', problem.prompt_text)}\n<think>"
+    return f"Q: {problem.meta.get('compact', problem.prompt_text)}\n{THINK}"
+
+
+def chat_messages(problem: Problem) -> list[dict]:
+    """The question as the one user turn of the `chat` template."""
+    return [{"role": "user", "content": f"{problem.prompt_text}\n{FORMAT_INSTRUCTION}"}]
 
 
 def chat_prompt(problem: Problem, apply_chat_template: Callable[..., str],
                 open_think: bool = True) -> str:
     """The question as a user turn rendered by the tokenizer's chat template, then (as R1's own
     template does) an opened `<think>` unless the template already ends with one."""
-    messages = [{"role": "user", "content": f"{problem.prompt_text}\n{FORMAT_INSTRUCTION}"}]
-    text = apply_chat_template(messages, add_generation_prompt=True)
-    if open_think and not text.rstrip().endswith("<think>"):
-        text += "<think>"
+    text = apply_chat_template(chat_messages(problem), add_generation_prompt=True)
+    if open_think and not text.rstrip().endswith(THINK):
+        text += THINK
     return text
 
 
@@ -65,5 +70,5 @@ def prompt_opens_think(prompt: str) -> bool:
 
     Pass this to the rewards: when the template already opened `<think>`, a well-formed completion
     contains only `</think>`, and a format check that demands both tags would never fire."""
-    i = prompt.rfind("<think>")
-    return i >= 0 and prompt.find("</think>", i) < 0
+    i = prompt.rfind(THINK)
+    return i >= 0 and prompt.find(END_THINK, i) < 0
