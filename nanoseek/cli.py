@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nanoseek.r1.evaluate", "evaluate a model on a task's test split"),
     "generate": ("nanoseek.inference.cli", "generate text from a model directory"),
     "chat": ("nanoseek.inference.chat", "interactive chat with a model"),
-    "cost": ("nanoseek.cost", "parameters, FLOPs, KV cache, GPU-hours, dollars and MFU"),
+    "cost": ("nanoseek.cost.cli", "parameters, FLOPs, KV cache, GPU-hours, dollars and MFU"),
 }
 
 

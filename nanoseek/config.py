@@ -3,6 +3,10 @@
 Field names are Hugging Face's `DeepseekV3Config` names, so a `config.json` written here loads in
 `transformers` and DeepSeek's released `config.json` files load here. Fields that only nanoseek uses
 (`aux_loss_alpha`, `mtp_loss_weight`) keep the names DeepSeek's own configs use where one exists.
+
+DeepSeek's inference code uses a second format (`inference/configs/config_671B.json` in the
+DeepSeek-V3 repository: `dim`, `n_layers`, `n_routed_experts`, ...); `ModelConfig.from_dict` and
+`from_json` accept it too, translated by `from_deepseek_inference`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import UserError
+from nanoseek.files import write_json
 
 
 class ConfigError(UserError, ValueError):
@@ -56,7 +61,7 @@ class ModelConfig:
     rope_interleave: bool = True
     attention_bias: bool = False
     rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.006  # V3's init std (REFERENCE §8)
+    initializer_range: float = 0.006  # V3's init std (DeepSeek-V3 technical report, §4.2)
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 1
     bos_token_id: int | None = 0
@@ -95,7 +100,8 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """Attention scale (d_n + d_r)^-0.5, times mscale^2 under YaRN (REFERENCE §2)."""
+        """Attention scale (d_n + d_r)^-0.5, times mscale^2 under YaRN (docs/design.md, math conventions;
+        YaRN: Peng et al. 2023, §3.4)."""
         scale = self.qk_head_dim ** -0.5
         if self.rope_type == "yarn":
             mscale_all_dim = self.rope_scaling.get("mscale_all_dim", 0) or 0
@@ -110,6 +116,7 @@ class ModelConfig:
         def fail(name: str, why: str) -> None:
             raise ConfigError(f"invalid config field `{name}` = {getattr(self, name)!r}: {why}")
 
+        self._check_types(fail)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -165,6 +172,37 @@ class ModelConfig:
             fail("num_nextn_predict_layers", "must be >= 0")
         if self.aux_loss_alpha < 0:
             fail("aux_loss_alpha", "must be >= 0")
+        if self.mtp_loss_weight < 0:
+            fail("mtp_loss_weight", "must be >= 0")
+        if self.routed_scaling_factor <= 0:
+            fail("routed_scaling_factor", "must be > 0")
+        if self.rms_norm_eps <= 0:
+            fail("rms_norm_eps", "must be > 0")
+        if self.rope_theta <= 0:
+            fail("rope_theta", "must be > 0")
+        if self.initializer_range < 0:
+            fail("initializer_range", "must be >= 0")
+
+    def _check_types(self, fail) -> None:
+        """Each field holds its declared type (an int where an int is declared, a finite number where
+        a float is, ...), so a config.json with `"n_group": "8"` fails here, naming the field, rather
+        than as a TypeError deep inside the model."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if math.isfinite(value):
+                    continue
+                fail(f.name, "must be a finite number")
+            if ("bool" in kinds and isinstance(value, bool) or "str" in kinds and isinstance(value, str)
+                    or "dict" in kinds and isinstance(value, dict)):
+                continue
+            wanted = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                      "dict": "an object", "None": "null"}
+            fail(f.name, "must be " + " or ".join(wanted[k] for k in kinds if k in wanted))
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -180,7 +218,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        d = dict(raw)
+        """From a config dict in Hugging Face's names (what `to_dict` writes, DeepSeek's released
+        config.json) or in DeepSeek's inference format. Unknown keys are ignored (HF configs carry many
+        that do not concern the architecture)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(raw).__name__}")
+        d = from_deepseek_inference(raw) if is_deepseek_inference_config(raw) else dict(raw)
         rope_parameters = d.pop("rope_parameters", None)
         if rope_parameters and not d.get("rope_scaling"):
             rope_parameters = dict(rope_parameters)
@@ -210,19 +253,24 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} exists but is not a regular file (expected a config.json)")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(raw)
 
     def save(self, path: str | Path) -> None:
+        """Write config.json (into `path` if it is a directory name), atomically."""
         path = Path(path)
         if path.suffix != ".json":
             path = path / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json(path, dict(sorted(self.to_dict().items())))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -286,6 +334,79 @@ def _v3_671b() -> ModelConfig:
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "bench": _bench, "v2-lite": _v2_lite, "v3-671b": _v3_671b}
+
+
+# ---------------------------------------------------------------------- DeepSeek's inference format
+#: DeepSeek inference name -> our (Hugging Face) name, for the fields that map one to one.
+DEEPSEEK_INFERENCE_NAMES = {
+    "vocab_size": "vocab_size", "dim": "hidden_size", "inter_dim": "intermediate_size",
+    "moe_inter_dim": "moe_intermediate_size", "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace", "n_heads": "num_attention_heads",
+    "n_routed_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok", "n_expert_groups": "n_group",
+    "n_limited_groups": "topk_group", "route_scale": "routed_scaling_factor",
+    "score_func": "scoring_func", "kv_lora_rank": "kv_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim", "rope_theta": "rope_theta",
+}
+#: The defaults of DeepSeek's `ModelArgs` (a DeepSeek-V2-Lite-sized model), for keys a file leaves out.
+DEEPSEEK_INFERENCE_DEFAULTS: dict[str, Any] = {
+    "max_batch_size": 8, "max_seq_len": 4096 * 4, "dtype": "bf16", "vocab_size": 102400, "dim": 2048,
+    "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27, "n_dense_layers": 1, "n_heads": 16,
+    "n_routed_experts": 64, "n_shared_experts": 2, "n_activated_experts": 6, "n_expert_groups": 1,
+    "n_limited_groups": 1, "score_func": "softmax", "route_scale": 1.0, "q_lora_rank": 0,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "original_seq_len": 4096, "rope_theta": 10000.0, "rope_factor": 40, "beta_fast": 32, "beta_slow": 1,
+    "mscale": 1.0,
+}
+#: Runtime settings that do not change the architecture (batch size, fp8 scale format).
+DEEPSEEK_INFERENCE_RUNTIME = ("max_batch_size", "scale_fmt")
+
+
+def is_deepseek_inference_config(raw: dict[str, Any]) -> bool:
+    """DeepSeek's inference format names the width `dim` and the depth `n_layers`."""
+    return "dim" in raw and "n_layers" in raw and "hidden_size" not in raw
+
+
+def from_deepseek_inference(raw: dict[str, Any]) -> dict[str, Any]:
+    """Translate a config in DeepSeek's inference format (the DeepSeek-V3 repository's
+    `inference/model.py` ModelArgs, e.g. `inference/configs/config_671B.json`) into our names.
+
+    Beyond renaming: `q_lora_rank` 0 means no query compression (None here); `rope_factor` > 1 means
+    YaRN with `original_seq_len`, `beta_fast`, `beta_slow` and `mscale` (which DeepSeek's code applies
+    to the softmax scale, as `mscale_all_dim` does in Hugging Face's); the routing method follows the
+    score function as in DeepSeek's Gate (sigmoid: V3's bias-adjusted "noaux_tc" with renormalised
+    weights; softmax: V2's greedy, group-limited when there are groups). That code has no MTP module,
+    so `num_nextn_predict_layers` is 0. Keys a file leaves out take `ModelArgs`' defaults; unknown
+    keys are refused, naming them."""
+    known = {*DEEPSEEK_INFERENCE_DEFAULTS, *DEEPSEEK_INFERENCE_RUNTIME}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(unknown)} in a DeepSeek inference config "
+                          f"(known: {', '.join(sorted(known))})")
+    a = {**DEEPSEEK_INFERENCE_DEFAULTS, **raw}
+    for key in ("max_seq_len", "original_seq_len", "rope_factor", "n_expert_groups", "q_lora_rank"):
+        if not isinstance(a[key], (int, float)) or isinstance(a[key], bool) or not math.isfinite(a[key]):
+            raise ConfigError(f"invalid config field `{key}` = {a[key]!r}: must be a number")
+    d: dict[str, Any] = {ours: a[theirs] for theirs, ours in DEEPSEEK_INFERENCE_NAMES.items()}
+    d["model_type"] = "deepseek_v3"
+    d["q_lora_rank"] = a["q_lora_rank"] or None
+    d["num_nextn_predict_layers"] = 0
+    d["norm_topk_prob"] = a["score_func"] == "sigmoid"
+    d["topk_method"] = ("noaux_tc" if a["score_func"] == "sigmoid"
+                        else "group_limited_greedy" if a["n_expert_groups"] > 1 else "greedy")
+    factor, original = a["rope_factor"], a["original_seq_len"]
+    d["max_position_embeddings"] = a["max_seq_len"]
+    if factor > 1 and a["max_seq_len"] > original:  # DeepSeek's code applies YaRN only then
+        # as long as YaRN stretches the original context (Hugging Face's value for V3: 163840)
+        d["max_position_embeddings"] = max(a["max_seq_len"], int(original * factor))
+        d["rope_scaling"] = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                             "beta_fast": a["beta_fast"], "beta_slow": a["beta_slow"],
+                             "mscale": a["mscale"], "mscale_all_dim": a["mscale"]}
+    else:
+        d["rope_scaling"] = None
+    # fp8 checkpoints run their matmuls on bf16 activations; bf16 is what this model can use
+    d["torch_dtype"] = "bfloat16" if a["dtype"] in ("bf16", "fp8") else "float32"
+    return d
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

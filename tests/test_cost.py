@@ -1,4 +1,4 @@
-"""Cost accounting (nanoseek/cost.py) against the published numbers (REFERENCE.md section 7, seeds/)
+"""Cost accounting (nanoseek/cost/) against the published numbers (nanoseek/cost/published.py)
 and against what torch's FlopCounterMode counts on the real nanoseek model."""
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_mtp_and_backward_match_flop_counter():
     b, t = 2, 32
     ids = torch.randint(0, cfg.vocab_size, (b, t))
     aten = torch.ops.aten
-    mapping = {aten._grouped_mm: cost._grouped_mm_flops}
+    mapping = {aten._grouped_mm: cost.measured.grouped_mm_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         out = model(ids, labels=ids)
         forward = counter.get_total_flops()
@@ -211,11 +211,91 @@ def test_memory_defaults():
     assert cost.memory_bytes("tiny", moment_bytes=2, grad_bytes=0)["training_state_bytes"] == 10 * n
 
 
-def test_parse_number():
-    assert cost.parse_number("14.8T") == 14.8e12
-    assert cost.parse_number("2664K") == 2664e3
-    assert cost.parse_number("1.5e12") == 1.5e12
-    assert cost.parse_number("2,664,000") == 2664e3
+def test_parse_quantity():
+    from nanoseek.cost.cli import parse_quantity
+
+    assert parse_quantity("14.8T") == 14.8e12
+    assert parse_quantity("2664K") == 2664e3
+    assert parse_quantity("1.5e12") == 1.5e12
+    assert parse_quantity("2,664,000") == 2664e3
+
+
+# ------------------------------------------------------------------ DeepSeek's inference config format
+# DeepSeek-V3 repository, inference/configs/config_671B.json (values as published there)
+CONFIG_671B = {
+    "vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+    "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+    "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+    "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8", "original_seq_len": 4096,
+    "rope_theta": 10000.0, "rope_factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+}
+# inference/configs/config_16B.json (DeepSeek-V2-Lite): everything else takes ModelArgs' defaults
+CONFIG_16B = {
+    "vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27,
+    "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+    "n_activated_experts": 6, "route_scale": 1.0, "q_lora_rank": 0, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "mscale": 0.707,
+}
+
+
+def _architecture(cfg):
+    """The fields that decide the network (token ids, training knobs and the MTP depth aside)."""
+    skip = {"bos_token_id", "eos_token_id", "aux_loss_alpha", "num_nextn_predict_layers", "num_mtp_layers",
+            "torch_dtype", "initializer_range"}
+    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
+
+
+@pytest.mark.parametrize("raw, name", [(CONFIG_671B, "v3-671b"), (CONFIG_16B, "v2-lite")])
+def test_deepseek_inference_format_maps_to_the_same_model(raw, name):
+    from nanoseek.config import ModelConfig
+
+    ours = ModelConfig.from_dict(raw)
+    assert _architecture(ours) == _architecture(preset(name))
+    assert ours.num_nextn_predict_layers == 0  # DeepSeek's inference code has no MTP module
+
+
+def test_config_671b_gives_the_671b_parameter_count(tmp_path, capsys):
+    p = cost.params(CONFIG_671B)
+    assert abs(p["params_total"] - 671e9) / 671e9 < 0.01  # DeepSeek-V3 report: 671B
+    assert abs(p["params_active"] - 37e9) / 37e9 < 0.02  # and 37B activated
+    assert p == {**cost.params("deepseek-v3"), "params_mtp_total": 0, "params_mtp_active": 0,
+                 "mtp_modules": 0}
+    (tmp_path / "config_671B.json").write_text(json.dumps(CONFIG_671B))
+    assert main(["cost", str(tmp_path / "config_671B.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["params_total"] == p["params_total"]
+
+
+def test_deepseek_inference_format_errors():
+    from nanoseek.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="unknown field.*learning_rate"):
+        ModelConfig.from_dict({**CONFIG_671B, "learning_rate": 1e-5})
+    with pytest.raises(ConfigError, match="`n_group`"):  # 3 groups cannot split 256 experts
+        ModelConfig.from_dict({**CONFIG_671B, "n_expert_groups": 3})
+    with pytest.raises(ConfigError, match="`rope_factor`"):
+        ModelConfig.from_dict({**CONFIG_671B, "rope_factor": "forty"})
+
+
+# ------------------------------------------------------------------------------------ hardware table
+@pytest.mark.parametrize("device_name, gpu", [
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100-PCIE-40GB", "A100"),
+    ("NVIDIA H200", "H200"), ("NVIDIA H800", "H800"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA GH200 480GB", None), ("NVIDIA GeForce RTX 4090", None), ("Tesla V100-SXM2-16GB", None),
+])
+def test_peak_flops_for_device_names(device_name, gpu):
+    assert cost.gpu_for_device(device_name) == gpu
+    peak = cost.peak_flops_for_device(device_name, "bf16")
+    assert peak == (None if gpu is None else cost.peak_flops(gpu, "bf16"))
+
+
+def test_peak_flops_for_device_precisions():
+    a100 = "NVIDIA A100-SXM4-80GB"
+    assert cost.peak_flops_for_device(a100) == 312e12
+    assert cost.peak_flops_for_device(a100, "fp32") == 19.5e12
+    assert cost.peak_flops_for_device(a100, "fp8") is None  # no FP8 tensor cores
+    # an H100 is ~3x an A100 in bf16: reporting every GPU as an H100 understated A100 MFU ~3x
+    assert cost.peak_flops_for_device("NVIDIA H100 80GB HBM3") / cost.peak_flops_for_device(a100) > 3
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -248,8 +328,8 @@ def test_json_and_markdown(capsys, tmp_path):
     (["cost"], "name at least one model"),
     (["cost", "tiny", "--gpu", "Z80"], "unknown GPU"),
     (["cost", "tiny", "--gpu", "A100", "--precision", "fp8"], "no fp8"),
-    (["cost", "tiny", "--kv-dtype", "fp7"], "unknown dtype"),
-    (["cost", "tiny", "--tokens", "lots"], "not a number"),
+    (["cost", "tiny", "--kv-dtype", "fp7"], "invalid setting `--kv-dtype` = 'fp7'"),
+    (["cost", "tiny", "--tokens", "lots"], "invalid setting `--tokens` = 'lots'"),
     (["cost", "tiny", "--stage", "x=1"], "without models"),
 ])
 def test_bad_input_is_a_user_error(capsys, argv, message):
