@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.files import write_json, write_text
+
 MODES = {
     # V3: bias updates (gamma tuned up from V3's 0.001 for a run of a few hundred steps) + the tiny
     # sequence-wise complementary loss
@@ -58,9 +60,9 @@ def prepare_data(root: Path, n_docs: int, vocab: int, seed: int) -> Path:
 
 
 def train_config(p: dict, data: Path, out: Path, mode: str, seed: int, lr: float):
-    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.config import PretrainConfig
 
-    return TrainConfig(model=p["model"], model_overrides=dict(p["overrides"]), data=str(data),
+    return PretrainConfig(model=p["model"], model_overrides=dict(p["overrides"]), data=str(data),
                        out_dir=str(out / mode), seq_len=p["seq_len"], batch_size=p["batch_size"],
                        max_steps=p["steps"], lr=lr, warmup_steps=p["warmup"], eval_every=p["eval_every"],
                        eval_batches=p["eval_batches"], save_every=0, sample_prompt="", tensorboard=False,
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NANOSEEK_NO_PROGRESS", "1")
+    from nanoseek.train.metrics_log import read_metrics
     from nanoseek.train.pretrain import evaluate_loss, run_pretraining
 
     p = dict(QUICK if args.quick else FULL)
@@ -196,8 +199,6 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     plot_dir = Path(args.plot_dir) if args.plot_dir else (out if args.quick else Path("docs"))
     if args.replot:
-        from nanoseek.train.metrics import read_metrics
-
         saved = json.loads((out / "results.json").read_text())
         results = saved["results"]
         histories = {m: read_metrics(out / m / "metrics.jsonl") for m in results}
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(cfg.out_dir, ignore_errors=True)  # metrics.jsonl appends: start each run clean
         t = time.time()
         trainer = run_pretraining(cfg)
-        hist = trainer.history
+        hist = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")  # every step (Trainer.history is a window)
         val = evaluate_loss(trainer.model, str(data), p["seq_len"], p["batch_size"], 10**9, trainer.device)
         r = summarize(hist, p["steps"])
         r.update(val_loss=val, seconds=time.time() - t, command=cli_command(cfg))
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['load_max_mean_pooled']:.3f}), dead {100 * r['dead_experts']:.1f}%, {r['seconds']:.0f}s", flush=True)
 
     table = markdown_table(results)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"params": p, "seed": args.seed, "results": results}, indent=2))
+    write_text(out / "results.md", table)
+    write_json(out / "results.json", {"params": p, "seed": args.seed, "results": results})
     plots = plot(histories, results, plot_dir, p["steps"])
     print("\n" + table)
     print(f"plots: {', '.join(map(str, plots))}; total {time.time() - t0:.0f}s")

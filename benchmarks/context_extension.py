@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoseek.files import write_json, write_text
+
 FULL = dict(model="small", overrides={"vocab_size": 1024}, vocab=1024, L=128, factor=4, batch_tokens=1024,
             steps=400, ext_steps=100, lr=3e-3, ext_lr=1e-3, warmup=20, ext_warmup=10, eval_tokens=16384,
             docs={"short": 10_000, "long": 800})
@@ -159,10 +161,10 @@ def repeat_classes(data: Path, seq_len: int, n_tokens: int, L: int) -> dict[str,
 def load_model(model_dir: Path, yarn: tuple[float, int] | None = None):
     """The saved model, optionally with RoPE switched to YaRN (factor, original length) at load time."""
     from nanoseek.model import DeepseekV3ForCausalLM
-    from nanoseek.train.config import TrainConfig
-    from nanoseek.train.core import load_weights
+    from nanoseek.train.config import PretrainConfig
+    from nanoseek.hf import load_weights
 
-    tc = TrainConfig(model=str(model_dir))
+    tc = PretrainConfig(model=str(model_dir))
     if yarn:
         tc.yarn_factor, tc.yarn_original_len = yarn
     model = DeepseekV3ForCausalLM(tc.model_config())
@@ -172,7 +174,7 @@ def load_model(model_dir: Path, yarn: tuple[float, int] | None = None):
 
 # ---------------------------------------------------------------------------------- runs
 def base_config(p: dict, data: Path, out_dir: Path, seed: int, **kw):
-    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.config import PretrainConfig
 
     L = p["L"]
     cfg = dict(model=p["model"], model_overrides=dict(p["overrides"]), data=str(data), out_dir=str(out_dir),
@@ -180,7 +182,7 @@ def base_config(p: dict, data: Path, out_dir: Path, seed: int, **kw):
                warmup_steps=p["warmup"], eval_every=max(1, p["steps"] // 8), eval_batches=4, save_every=0,
                sample_prompt="", tensorboard=False, seed=seed)
     cfg.update(kw)
-    return TrainConfig(**cfg)
+    return PretrainConfig(**cfg)
 
 
 def stage_config(p: dict, data: Path, out_dir: Path, seed: int, init: Path, seq_len: int, yarn: bool):
@@ -307,8 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {c: run_corpus(c, p, out, args.seed, args.reuse) for c in args.corpus.split(",")}
     table = markdown(results, p)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"params": p, "seed": args.seed, "results": results}, indent=2))
+    write_text(out / "results.md", table)
+    write_json(out / "results.json", {"params": p, "seed": args.seed, "results": results})
     print("\n" + table)
     print(f"total {time.time() - t0:.0f}s")
     return results

@@ -65,13 +65,13 @@ def prepare_data(out: Path, p: dict, task, seed: int) -> Path:
 
 # ------------------------------------------------------------------------------------------ stages
 def pretrain(out: Path, p: dict, data: Path, seed: int) -> Path:
-    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.config import PretrainConfig
     from nanoseek.train.pretrain import run_pretraining
 
     model_dir = out / "base" / "model"
     if (model_dir / "config.json").exists():
         return model_dir
-    cfg = TrainConfig(model=p["model"], model_overrides=p["overrides"], data=str(data),
+    cfg = PretrainConfig(model=p["model"], model_overrides=p["overrides"], data=str(data),
                       out_dir=str(out / "base"), seq_len=p["seq_len"], batch_size=p["batch_size"],
                       max_steps=p["pretrain_steps"], lr=3e-3, warmup_steps=50, eval_every=200,
                       save_every=200, sample_prompt="", tensorboard=False, seed=seed)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NANOSEEK_NO_PROGRESS", "1")
     from nanoseek.r1.rollout import build_task
-    from nanoseek.train.config import _coerce
+    from nanoseek.train.config import coerce_setting
     import typing
 
     from nanoseek.r1.configs import GRPOConfig
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
 
     hints = typing.get_type_hints(GRPOConfig)
-    extra = {k: _coerce(v, hints[k], k) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = {k: coerce_setting(v, hints[k], k) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = grpo_config(out, p, base, args.seed, **extra)
     command = cli_command(cfg)
     print(f"GRPO: {command}", flush=True)
@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
                "gain_points": 100 * (after["greedy_accuracy"] - before["greedy_accuracy"])}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
-    plotted = plot(trainer.history, before, plot_dir / "r1_zero.png")
+    from nanoseek.train.metrics_log import read_metrics  # every step (Trainer.history is a bounded window)
+
+    plotted = plot(read_metrics(Path(cfg.out_dir) / "metrics.jsonl"), before, plot_dir / "r1_zero.png")
     print(markdown(results))
     if plotted:
         print(f"plot: {plot_dir / 'r1_zero.png'}")
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def replot(out: Path, plot_dir: Path) -> dict:
-    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.metrics_log import read_metrics
 
     results = json.loads((out / "results.json").read_text())
     run_dir = Path(results["grpo"]["command"].split("out_dir=")[1].split()[0])

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from nanoseek.errors import UserError, require
+from nanoseek.files import write_json, write_text
 
 # Sizes: `full` fits the 10-minute budget on a 2-core CPU; `quick` is the < 2 minute smoke test.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -57,9 +59,7 @@ class Pipeline:
             folder.mkdir(parents=True, exist_ok=True)
             result = fn(folder)
             result["seconds"] = time.time() - t0
-            tmp = done.with_name("result.json.tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(done)
+            write_json(done, result, indent=1)
             print(f"[{name}] done in {result['seconds']:.0f}s", flush=True)
         self.results[name] = result
         return result
@@ -86,27 +86,29 @@ class Pipeline:
 
     # -- pretraining ----------------------------------------------------------------------------------
     def pretrain(self, folder: Path) -> dict:
-        from nanoseek.train.config import TrainConfig
+        from nanoseek.train.config import PretrainConfig
+        from nanoseek.train.metrics_log import read_metrics
         from nanoseek.train.pretrain import run_pretraining
 
         p = self.p
-        cfg = TrainConfig(model=p["model"], model_overrides=p["model_overrides"], data=str(self.out / "data" / "shards"),
+        cfg = PretrainConfig(model=p["model"], model_overrides=p["model_overrides"], data=str(self.out / "data" / "shards"),
                           out_dir=str(folder), seq_len=p["seq_len"], batch_size=p["batch_size"],
                           max_steps=p["pretrain_steps"], lr=3e-3, warmup_steps=min(50, p["pretrain_steps"] // 5),
                           eval_every=max(1, p["pretrain_steps"] // 8), save_every=max(1, p["pretrain_steps"] // 4),
                           bias_gamma=0.01, balance="aux_free", sample_prompt="Q: 12+7\n<think>", tensorboard=False,
                           seed=self.seed)
         trainer = run_pretraining(cfg, resume=True)
-        return {"history": trainer.history, "model": str(folder / "model"),
+        # the whole metrics log (Trainer.history is a bounded window and misses steps before a resume)
+        return {"history": read_metrics(folder / "metrics.jsonl"), "model": str(folder / "model"),
                 "config": trainer.model.config.to_dict(), "flops_per_token": trainer.flops_per_token}
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, model_dir: str) -> Callable[[Path], dict]:
         def run(folder: Path) -> dict:
             from nanoseek.r1.evaluate import evaluate_model
-            from nanoseek.r1.rollout import load_policy
+            from nanoseek.hf import load_model_and_tokenizer
 
-            model, tok = load_policy(model_dir)
+            model, tok = load_model_and_tokenizer(model_dir)
             result = evaluate_model(model, tok, self.task(), k=self.p["eval_k"], template="compact",
                                     max_new_tokens=self.p["max_new_tokens"], seed=self.seed,
                                     samples_out=folder / "samples.jsonl")
@@ -119,6 +121,7 @@ class Pipeline:
     def grpo(self, folder: Path) -> dict:
         from nanoseek.r1.configs import GRPOConfig
         from nanoseek.r1.grpo import run_grpo
+        from nanoseek.train.metrics_log import read_metrics
 
         p, base = self.p, self.results["pretrain"]["model"]
         cfg = GRPOConfig(model=base, init_from=base, out_dir=str(folder), **TASK, n_test=p["n_test"],
@@ -129,7 +132,8 @@ class Pipeline:
                          show_samples=0, save_every=max(1, p["grpo_steps"] // 4), time_limit_min=p["grpo_minutes"],
                          tensorboard=False, seed=self.seed)
         trainer = run_grpo(cfg, resume=True)
-        return {"history": [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in trainer.history],
+        history = read_metrics(folder / "metrics.jsonl")
+        return {"history": [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in history],
                 "model": str(folder / "model"), "steps": trainer.step}
 
 
@@ -240,12 +244,15 @@ def write_report(out: Path, results: dict, s: dict, costs: list[dict]) -> Path:
         ("Cost accounting", cost),
     ], subtitle=f"{out} - pretraining, R1-Zero GRPO and evaluation on a CPU")
     path = out / "report.html"
-    R.write_atomic(path, html)
+    write_text(path, html)
     return path
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def run_demo(out: Path, quick: bool = False, fresh: bool = False, seed: int = 0) -> dict:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    require(0 <= seed < 2**32, "--seed", seed, "in [0, 2**32)")
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +267,7 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, seed: int = 0)
     costs = cost_rows(pipe.results["pretrain"]["config"])
     report = write_report(out, pipe.results, s, costs)
     s["demo_seconds"] = time.time() - t0
-    (out / "summary.json").write_text(json.dumps(s, indent=1))
+    write_json(out / "summary.json", s, indent=1)
     print_summary(s, costs, report)
     return {"summary": s, "report": str(report)}
 
@@ -276,6 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require(args.threads >= 0, "--threads", args.threads, ">= 0 (0 = torch's default)")
     if args.threads:
         import torch
 

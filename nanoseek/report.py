@@ -108,9 +108,3 @@ def render(title: str, sections: list[tuple[str, str]], subtitle: str = "") -> s
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p class='muted'>{html.escape(subtitle)}</p>{body}</body></html>")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -1,22 +1,25 @@
-"""The R1 recipes' settings: SFT, GRPO and distillation configs (TrainConfig plus each recipe's part)."""
+"""The R1 recipes' settings, each the shared training part plus its own (see nanoseek.train.config):
+SFT and distillation = LanguageModelingConfig (data, seq_len, batch_size, MTP weight) + data settings;
+GRPO = TrainerConfig + task, rollout and objective settings (no data, seq_len or YaRN: sequences are a
+prompt plus up to max_new_tokens)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from nanoseek.errors import UserError
 from nanoseek.r1.grpo_loss import DEFAULT_EPS, LOSS_VARIANTS
 from nanoseek.r1.rewards import RewardConfig
 from nanoseek.r1.rollout import build_task
 from nanoseek.r1.tasks import TEMPLATES, Task
-from nanoseek.train.config import TrainConfig
+from nanoseek.train.config import LanguageModelingConfig, TrainerConfig
 
 SFT_TEMPLATES = ("none", "r1_zero", "compact", "chat")
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    """TrainConfig plus the SFT data settings. `model`/`init_from` name the model directory to
+class SFTConfig(LanguageModelingConfig):
+    """LanguageModelingConfig plus the SFT data settings. `model`/`init_from` name the model directory to
     fine-tune (`--model` sets both); `data` is the JSONL file."""
 
     data: str = ""
@@ -33,24 +36,19 @@ class SFTConfig(TrainConfig):
     max_steps: int = 200
     eval_every: int = 50
     save_every: int = 100
-    sample_prompt: str = ""
 
-    def validate(self) -> None:
-        super().validate()
-        if self.template not in SFT_TEMPLATES:
-            raise UserError(f"invalid setting `template` = {self.template!r}: choose one of "
-                            f"{', '.join(SFT_TEMPLATES)}")
-        if self.too_long not in ("error", "skip"):
-            raise UserError(f"invalid setting `too_long` = {self.too_long!r}: error or skip")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"invalid setting `val_fraction` = {self.val_fraction}: must be in [0, 1)")
-        if self.epochs < 0:
-            raise UserError(f"invalid setting `epochs` = {self.epochs}: must be >= 0")
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return super().checks() + [
+            (self.template in SFT_TEMPLATES, "template", ", ".join(SFT_TEMPLATES)),
+            (self.too_long in ("error", "skip"), "too_long", "error or skip"),
+            (math.isfinite(self.val_fraction) and 0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)"),
+            (self.epochs >= 0, "epochs", ">= 0 (0 = use max_steps)"),
+        ]
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
-    """TrainConfig plus task, rollout and objective settings (`--model` sets model/init_from)."""
+class GRPOConfig(TrainerConfig):
+    """TrainerConfig plus task, rollout and objective settings (`--model` sets model/init_from)."""
 
     out_dir: str = "runs/grpo"
     # task
@@ -98,26 +96,35 @@ class GRPOConfig(TrainConfig):
     time_limit_min: float = 0.0  # > 0: end the run (eval, checkpoint, export) after this many minutes
     time_limit_cpu: bool = False  # measure that limit in process CPU time instead of wall time
 
-    def validate(self) -> None:
-        super().validate()
-        checks = [
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return super().checks() + [
             (self.loss in LOSS_VARIANTS, "loss", " | ".join(LOSS_VARIANTS)),
             (self.group_size >= 2, "group_size", ">= 2 (advantages compare samples of a prompt)"),
             (self.prompts_per_step >= 1, "prompts_per_step", ">= 1"),
             (self.mu >= 1, "mu", ">= 1"),
             (self.old_logprobs in ("recompute", "engine"), "old_logprobs", "recompute or engine"),
             (self.template in TEMPLATES, "template", " | ".join(TEMPLATES)),
-            (self.temperature > 0, "temperature", "> 0 (GRPO needs diverse samples)"),
-            (self.beta >= 0, "beta", ">= 0"),
+            (math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+             "a finite number > 0 (GRPO needs diverse samples)"),
+            (math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (math.isfinite(self.beta) and self.beta >= 0, "beta", "a finite number >= 0"),
             (self.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
-            (self.eps_low >= 0 and self.eps_high >= 0, "eps_low", ">= 0"),
+            (math.isfinite(self.eps_low) and self.eps_low >= 0, "eps_low", "a finite number >= 0"),
+            (math.isfinite(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite number >= 0"),
             (self.prompts_per_step * self.group_size >= self.grad_accum, "grad_accum",
              "<= prompts_per_step * group_size"),
+            (self.rollout_batch_size >= 1, "rollout_batch_size", ">= 1"),
+            (self.n_train >= 1, "n_train", ">= 1"),
+            (self.n_test >= 0, "n_test", ">= 0"),
+            (self.max_resample >= 0, "max_resample", ">= 0"),
+            (self.eval_problems >= 0, "eval_problems", ">= 0"),
+            (self.sample_every >= 0, "sample_every", ">= 0 (0 = only at the end)"),
+            (self.show_samples >= 0, "show_samples", ">= 0"),
+            (math.isfinite(self.verifier_timeout) and self.verifier_timeout > 0, "verifier_timeout",
+             "a finite number > 0"),
+            (math.isfinite(self.time_limit_min) and self.time_limit_min >= 0, "time_limit_min",
+             ">= 0 (0 = no limit)"),
         ]
-        for ok, name, want in checks:
-            if not ok:
-                raise UserError(f"invalid GRPO setting `{name}` = {getattr(self, name)!r}: "
-                                f"must be {want}")
 
     @property
     def clip_range(self) -> tuple[float, float]:

@@ -71,7 +71,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
     tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
     # GRPO has no seq_len: sequences are prompt + max_new_tokens, checked at generation
-    model = build_model(dataclasses.replace(cfg, seq_len=2), tokenizer.vocab_size)
+    model = build_model(cfg, tokenizer.vocab_size)
     context = cfg.max_new_tokens + max(len(encode_prompt(p, cfg.template, tokenizer))
                                        for p in task.train[:50])
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, context),
@@ -89,7 +89,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
         return write_samples(trainer, source)
 
     trainer.fit(source, grpo_loss_fn(cfg), evaluate=evaluate if cfg.eval_every else None,
-                sample=sample, resume=resume)
+                sample=sample, resume=resume, sample_every=cfg.sample_every)
     return trainer
 
 

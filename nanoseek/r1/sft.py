@@ -295,7 +295,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
     seed_everything(cfg.seed)
     tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
-    model = build_model(cfg, tokenizer.vocab_size)
+    model = build_model(cfg, tokenizer.vocab_size, cfg.seq_len)
     train, val = sft_data(cfg, tokenizer, len(model.mtp))
     source = SFTSource(train, cfg.batch_size, cfg.seed, tokenizer.pad_id)
     if cfg.epochs:
@@ -308,7 +308,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
           f"of {cfg.batch_size * cfg.grad_accum} sequences")
 
     def loss_fn(model, batch):
-        return packed_lm_loss(model, batch, trainer.mtp_lambda())
+        return packed_lm_loss(model, batch, cfg.mtp_weight(trainer.step))
 
     def evaluate() -> dict:
         return {"val_loss": val_loss(model, val, cfg.batch_size, tokenizer.pad_id)} if val else {}

@@ -1,81 +1,191 @@
-"""Atomic, verifiable checkpoints.
+"""Atomic, verifiable checkpoints that load without running code.
 
-A checkpoint is a directory `step_XXXXXXXX/` holding the model in HF format (config.json + safetensors),
-`trainer_state.pt` (optimizer, step, data position, RNG states, whatever the caller adds) and
-`checksums.json` (sha256 of every file). It is written under a temporary name, fsynced, and renamed into
-place, so a crash or a full disk never leaves a half-written checkpoint under a real name. On resume a
-checkpoint whose checksums fail is skipped with a warning, never loaded.
+A checkpoint is a directory `step_XXXXXXXX/` holding
+* the model in HF format (config.json + safetensors),
+* the trainer state (optimizer moments, step, data position, RNG states, whatever the recipe adds) as
+  `trainer_state.json` (plain values) + `trainer_state.tensors` (every tensor and array in it, in
+  safetensors format),
+* `checksums.json` (sha256 of every file).
+
+Nothing is pickled: `--resume` reads JSON and safetensors only, so a tampered checkpoint can at worst
+hold wrong numbers, never execute code (a pickle can, whatever its checksum says). The directory is
+written under a temporary name and renamed into place (`nanoseek.files.atomic_dir`), so a crash or a
+full disk never leaves a half-written checkpoint under a real name. A checkpoint whose checksums fail
+is skipped with a warning; a checkpoint whose weights are not finite is never written.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from nanoseek.errors import UserError
+from nanoseek.errors import UserError, warn
+from nanoseek.files import WriteError, atomic_dir, file_sha256
 from nanoseek.hf import save_pretrained
 
 CHECKSUMS = "checksums.json"
-STATE = "trainer_state.pt"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.tensors"  # safetensors format; not *.safetensors, which are model shards
+LEGACY_STATE = "trainer_state.pt"  # format 1: a pickle, refused
+FORMAT = "nanoseek-trainer-state"
+FORMAT_VERSION = 2
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+# ---------------------------------------------------------------------------------------------- state <-> JSON
+class StateEncoder:
+    """Splits a nested trainer state into JSON-able values and a flat dict of tensors.
+
+    Allowed leaves: None, bool, int, float, str, torch tensors and numpy arrays. Containers: dict, list,
+    tuple. Tensors and arrays become {"__tensor__": key} / {"__ndarray__": key, "dtype": ...}; tuples
+    {"__tuple__": [...]}; dicts whose keys are not plain strings (the optimizer's integer parameter ids)
+    {"__items__": [[key, value], ...]}."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _add(self, t: torch.Tensor) -> str:
+        key = f"t{len(self.tensors)}"
+        t = t.detach().cpu()
+        whole = t.is_contiguous() and t.storage_offset() == 0 and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        self.tensors[key] = t if whole else t.clone()  # safetensors refuses views of shared storage
+        return key
+
+    def encode(self, obj: Any, where: str = "state") -> Any:
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if isinstance(obj, torch.Tensor):
+            return {"__tensor__": self._add(obj)}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "iubf":
+                raise TypeError(f"{where}: cannot store a numpy array of dtype {obj.dtype}")
+            wide = obj.astype(np.float64 if obj.dtype.kind == "f" else np.int64)
+            return {"__ndarray__": self._add(torch.from_numpy(wide)), "dtype": str(obj.dtype)}
+        if isinstance(obj, (np.integer, np.floating, np.bool_)):
+            return obj.item()
+        if isinstance(obj, tuple):
+            return {"__tuple__": [self.encode(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+                return {k: self.encode(v, f"{where}.{k}") for k, v in obj.items()}
+            return {"__items__": [[self.encode(k, where), self.encode(v, f"{where}[{k!r}]")]
+                                  for k, v in obj.items()]}
+        raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored in a checkpoint "
+                        "(state_dict() must return plain values, tensors and arrays)")
+
+
+def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `StateEncoder.encode`. Only the tags above are recognised; anything else is corrupt."""
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    tags = [k for k in obj if k.startswith("__")]
+    if not tags:
+        return {k: decode_state(v, tensors) for k, v in obj.items()}
+    tag = tags[0]
+    if tag == "__tensor__":
+        return tensors[obj[tag]]
+    if tag == "__ndarray__":
+        return tensors[obj[tag]].numpy().astype(np.dtype(obj["dtype"]))
+    if tag == "__tuple__":
+        return tuple(decode_state(v, tensors) for v in obj[tag])
+    if tag == "__items__":
+        return {_hashable(decode_state(k, tensors)): decode_state(v, tensors) for k, v in obj[tag]}
+    raise ValueError(f"unknown entry {tag!r}")
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+def write_trainer_state(folder: Path, state: dict[str, Any]) -> None:
+    encoder = StateEncoder()
+    encoded = encoder.encode(state)
+    save_file(encoder.tensors, str(folder / STATE_TENSORS))
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "state": encoded}
+    (folder / STATE_JSON).write_text(json.dumps(doc), encoding="utf-8")
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `path`, read from JSON and safetensors only (never unpickled).
+    A checkpoint of another format, or an unreadable one, is one UserError."""
+    if not (path / STATE_JSON).is_file():
+        if (path / LEGACY_STATE).exists():
+            raise UserError(f"checkpoint {path} has a pickled trainer state ({LEGACY_STATE}, format 1), which "
+                            f"nanoseek no longer loads (unpickling can run code); this version reads format "
+                            f"{FORMAT_VERSION}: start a new run (another out_dir)")
+        raise UserError(f"checkpoint {path} has no {STATE_JSON}")
+    try:
+        doc = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"checkpoint {path}: {STATE_JSON} is not valid JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path}: {STATE_JSON} is not a nanoseek trainer state")
+    if doc.get("version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has trainer-state format version {doc.get('version')!r}; this "
+                        f"nanoseek reads version {FORMAT_VERSION}: start a new run (another out_dir)")
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+        state = decode_state(doc.get("state"), tensors)
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: unreadable trainer state ({e})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path}: unreadable trainer state")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of parameters and buffers holding NaN or inf."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def require_finite(model: torch.nn.Module, what: str) -> None:
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise UserError(f"refusing to write {what}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); "
+                        "the training diverged (lower lr, or nonfinite=skip)")
+
+
 def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], extra_files: dict[str, Path] | None = None,
                     keep_last: int = 3) -> Path:
-    """Write checkpoint `step` under `root` atomically; prune to the newest `keep_last`."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` under `root` atomically; prune to the newest `keep_last`. Weights with
+    NaN or inf are refused, so a diverged run never pushes good checkpoints out."""
     final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    require_finite(model, f"checkpoint {final.name}")
+    root.mkdir(parents=True, exist_ok=True)
+    remove_partial(root)
     try:
-        tmp.mkdir()
-        save_pretrained(model, tmp)
-        torch.save(state, tmp / STATE)
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        sums = {}
-        for f in sorted(tmp.iterdir()):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            sums[f.name] = _sha256(f)
-        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final.name} ({e.strerror or e}); "
-                        "the previous checkpoints are intact") from None
+        with atomic_dir(final, what=f"checkpoint {final.name}") as tmp:
+            save_pretrained(model, tmp, tokenizer_files=extra_files)
+            write_trainer_state(tmp, state)
+            sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    except WriteError as e:
+        raise UserError(f"{e}; the previous checkpoints are intact") from None
     prune(root, keep_last)
     return final
+
+
+def remove_partial(root: Path) -> None:
+    """Remove temporary checkpoint directories a killed run left behind (they hold disk space)."""
+    for p in root.glob(".step_*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -83,11 +193,16 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------- finding
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first (temporary ones are ignored)."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -97,13 +212,15 @@ def verify_checkpoint(path: Path) -> str | None:
         return "no checksums.json (incomplete write)"
     try:
         sums = json.loads(sums_file.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "checksums.json is corrupt"
+    if not isinstance(sums, dict):
         return "checksums.json is corrupt"
     for name, digest in sums.items():
         f = path / name
-        if not f.exists():
+        if not f.is_file():
             return f"{name} is missing"
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             return f"{name} does not match its checksum"
     return None
 
@@ -114,9 +231,5 @@ def latest_checkpoint(root: Path) -> Path | None:
         problem = verify_checkpoint(path)
         if problem is None:
             return path
-        warnings.warn(f"skipping corrupt checkpoint {path}: {problem}", stacklevel=2)
+        warn(f"skipping corrupt checkpoint {path}: {problem}")
     return None
-
-
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE, weights_only=False)

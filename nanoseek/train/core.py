@@ -3,17 +3,22 @@
 A recipe supplies a *batch source* (`next_batch()`, `state_dict()`, `load_state_dict()`) and a *loss
 function* `loss_fn(model, batch) -> (loss, metrics)`. The core owns everything else: AdamW with fp32
 master weights, autocast, gradient accumulation and clipping, the LR schedule, DeepSeek-V3's
-auxiliary-loss-free bias update after every optimizer step, the MTP lambda schedule, metrics
-(JSONL/TensorBoard/progress bar, tokens/s, MFU), periodic evaluation, atomic checkpoints and exact resume.
+auxiliary-loss-free bias update after every optimizer step, metrics
+(JSONL/TensorBoard/progress bar, tokens/s, MFU), periodic evaluation, atomic checkpoints, exact resume,
+and divergence handling (a step with non-finite loss or gradients is not applied; see `nonfinite`).
+
+A batch source's `state_dict()` must return plain values (dict, list, tuple, str, int, float, bool,
+None), torch tensors and numpy arrays: checkpoints store it as JSON + safetensors, never as a pickle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
-import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -21,13 +26,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nanoseek.hf import from_checkpoint, load_state, read_tensors, save_pretrained
+from nanoseek.device import resolve_device
+from nanoseek.errors import UserError, is_finite_number, warn
+from nanoseek.files import atomic_dir, write_json
+from nanoseek.hf import load_weights, save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
-from nanoseek.errors import UserError
-from nanoseek.train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
-from nanoseek.train.config import TrainConfig
-from nanoseek.train.metrics import MetricsLogger
+from nanoseek.train.checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    require_finite,
+    save_checkpoint,
+)
+from nanoseek.train.config import TrainerConfig
+from nanoseek.train.metrics_log import MetricsLogger
+from nanoseek.train.mfu import peak_flops
 from nanoseek.train.schedule import lr_at, piecewise
+
+HISTORY_ROWS = 1000  # Trainer.history keeps the newest rows only; metrics.jsonl has them all
 
 LossFn = Callable[[DeepseekV3ForCausalLM, Any], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -38,25 +55,11 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA by default; CPU trains in fp32 unless asked (exact, deterministic)."""
     if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return None
-
-
-def default_peak_flops(device: torch.device) -> float:
-    """Declared dense peak used for MFU when the config gives none.
-    CUDA: H100/H800 SXM BF16 989.5 TFLOPS. CPU: cores x 3 GHz x 2 FMA units x 16 fp32 lanes x 2 (AVX-512)."""
-    if device.type == "cuda":
-        return 989.5e12
-    return (os.cpu_count() or 1) * 3e9 * 2 * 16 * 2
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,7 +83,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """AdamW over fp32 parameters; no weight decay on norms, biases and other 1-D tensors."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -88,14 +91,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def load_weights(model: DeepseekV3ForCausalLM, path: Path) -> None:
-    tensors = read_tensors(path)
-    load_state(model, from_checkpoint(tensors, model.config), str(path))
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: DeepseekV3ForCausalLM, flops_per_token: float,
+    def __init__(self, cfg: TrainerConfig, model: DeepseekV3ForCausalLM, flops_per_token: float,
                  tokens_per_step: int, extra_files: dict[str, Path] | None = None):
+        """`extra_files`: tokenizer files (name -> path) saved with every checkpoint and the exported model."""
+        cfg.validate()  # cheap; recipes built from Python (not the CLI) are checked here too
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
@@ -108,10 +108,11 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step
-        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else default_peak_flops(self.device)
+        self.peak = peak_flops(self.device, self.autocast, cfg.peak_tflops)  # None: MFU unknown
         self.extra_files = extra_files or {}
         self.step = 0
-        self.history: list[dict[str, Any]] = []
+        self.bad_steps = 0  # consecutive steps with non-finite loss or gradients
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_ROWS)
 
     # ------------------------------------------------------------------ one optimizer step
     def autocast_context(self):
@@ -127,23 +128,42 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, float] = {}
+        finite = True
         for _ in range(cfg.grad_accum):
             batch = source.next_batch()
             with self.autocast_context():
                 loss, metrics = loss_fn(model, batch)
+            finite = finite and bool(torch.isfinite(loss.detach()))
             (loss / cfg.grad_accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                         cfg.grad_clip if cfg.grad_clip > 0 else 1e30))
+        if finite and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:  # never apply NaN/inf: the weights and the optimizer moments stay as they were
+            self.on_nonfinite_step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals.update(self.balance_step())
-        totals.update(lr=lr, grad_norm=float(grad_norm))
+        if self.bad_steps == 0:
+            totals.update(self.balance_step())
+        totals.update(lr=lr, grad_norm=grad_norm, skipped=float(self.bad_steps > 0))
         return totals
 
-    def mtp_lambda(self) -> float:
+    def on_nonfinite_step(self) -> None:
+        """Skip this update; with nonfinite=stop, end the run after `nonfinite_patience` bad steps in a row."""
         cfg = self.cfg
-        return piecewise(self.step, cfg.max_steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_lambda_switch_frac)
+        self.bad_steps += 1
+        step = self.step + 1
+        if cfg.nonfinite == "stop" and self.bad_steps >= cfg.nonfinite_patience:
+            last = latest_checkpoint(self.ckpt_dir)
+            kept = f"the last checkpoint ({last.name}) is intact" if last else "no checkpoint was written"
+            raise UserError(f"training diverged: non-finite loss or gradients at {self.bad_steps} consecutive "
+                            f"steps (up to step {step}); stopped without writing a checkpoint or a model, "
+                            f"{kept}. Lower lr (now {cfg.lr:g}) or raise warmup_steps")
+        if self.bad_steps == 1:
+            warn(f"step {step}: non-finite loss or gradients, update skipped"
+                 + (f" (the run stops after {cfg.nonfinite_patience} in a row)" if cfg.nonfinite == "stop" else ""))
 
     @torch.no_grad()
     def balance_step(self) -> dict[str, float]:
@@ -171,17 +191,20 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, source: BatchSource, loss_fn: LossFn, evaluate: Callable[[], dict] | None = None,
             sample: Callable[[], dict] | None = None, resume: bool = False,
-            on_state: Callable[[dict], None] | None = None, extra_state: Callable[[], dict] | None = None) -> list[dict]:
-        """Run until cfg.max_steps. `evaluate`/`sample` return metrics to log; `extra_state` adds recipe
-        state to checkpoints and `on_state` restores it on resume."""
+            on_state: Callable[[dict], None] | None = None, extra_state: Callable[[], dict] | None = None,
+            sample_every: int = 0) -> deque[dict]:
+        """Run until cfg.max_steps. `evaluate` (every cfg.eval_every steps) and `sample` (every `sample_every`)
+        return metrics to log, both also run at the last step; `extra_state` adds recipe state to
+        checkpoints and `on_state` restores it on resume."""
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.out_dir / "train_config.json")
-        resumed = resume and self.resume(source, on_state)
+        # everything that can refuse the run happens before anything in out_dir is written
+        resumed = self.resume(source, on_state) if resume else False
         if not resumed and list_checkpoints(self.ckpt_dir):
             raise UserError(f"{self.out_dir} already holds checkpoints of another run: resume it (--resume) "
                             "or choose a new out_dir")
-        logger = MetricsLogger(self.out_dir, cfg.tensorboard, fresh=not resumed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / "train_config.json", cfg.to_dict())
+        logger = MetricsLogger(self.out_dir, cfg.tensorboard, resume_step=self.step if resumed else None)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.out_dir.name}", unit="step",
                    dynamic_ncols=True, disable=os.environ.get("NANOSEEK_NO_PROGRESS") == "1")
         try:
@@ -191,11 +214,12 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.step += 1
                 metrics["tokens_per_s"] = self.tokens_per_step / dt
-                metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / self.peak
+                if self.peak:
+                    metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / self.peak
                 last = self.step == cfg.max_steps
                 if evaluate and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                     metrics.update(evaluate())
-                if sample and (last or (cfg.sample_every and self.step % cfg.sample_every == 0)):
+                if sample and (last or (sample_every and self.step % sample_every == 0)):
                     metrics.update(sample())
                 if self.step % cfg.log_every == 0 or last or "val_loss" in metrics:
                     logger.log(self.step, metrics)
@@ -219,8 +243,14 @@ class Trainer:
         return save_checkpoint(self.ckpt_dir, self.step, self.model, state, self.extra_files, self.cfg.keep_last)
 
     def resume(self, source: BatchSource, on_state: Callable[[dict], None] | None = None) -> bool:
+        """Restore the newest valid checkpoint; False (said on stdout) when out_dir has none."""
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
+            found = list_checkpoints(self.ckpt_dir)
+            if found:
+                raise UserError(f"--resume: none of the {len(found)} checkpoints in {self.ckpt_dir} is valid "
+                                "(see the warnings above); move them away to start over")
+            print(f"no checkpoint to resume in {self.ckpt_dir}: starting from step 0")
             return False
         load_weights(self.model, path)
         state = load_trainer_state(path)
@@ -228,6 +258,8 @@ class Trainer:
         source.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step = state["step"]
+        if self.step != checkpoint_step(path):
+            raise UserError(f"checkpoint {path}: its trainer state is for step {self.step}")
         if on_state:
             on_state(state.get("extra", {}))
         print(f"resumed from {path} (step {self.step})")
@@ -236,27 +268,17 @@ class Trainer:
     def export(self) -> Path:
         """The final model as a self-contained HF directory (weights + config + tokenizer), atomically."""
         final = self.out_dir / "model"
-        tmp = self.out_dir / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.model, tmp)
-        for name, src in self.extra_files.items():
-            shutil.copyfile(src, tmp / name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        require_finite(self.model, f"the final model {final}")
+        with atomic_dir(final, what=f"the final model {final}") as tmp:
+            save_pretrained(self.model, tmp, tokenizer_files=self.extra_files)
         return final
 
 
-def lm_loss_fn(trainer: Trainer) -> LossFn:
-    """Pretraining loss: next-token CE + lambda * MTP CE + sequence-wise balance loss."""
+def print_summary(trainer: Trainer, keys: tuple[str, ...], label: str = "model") -> None:
+    """The end-of-run lines every training command prints: the step, the last values of `keys`
+    (those that are finite numbers), and where the exported model is."""
+    last = trainer.history[-1] if trainer.history else {}
+    values = ", ".join(f"{k}={last[k]:.4g}" for k in keys if is_finite_number(last.get(k)))
+    print(f"done: step {trainer.step}; {values}")
+    print(f"{label}: {trainer.out_dir / 'model'}")
 
-    def loss_fn(model: DeepseekV3ForCausalLM, batch: torch.Tensor):
-        batch = batch.to(trainer.device)
-        out = model(batch, labels=batch, mtp_weight=trainer.mtp_lambda())
-        metrics = {"loss": out.loss.item(), "lm_loss": out.lm_loss.item()}
-        if out.mtp_loss is not None:
-            metrics["mtp_loss"] = out.mtp_loss.item()
-        if out.balance_loss is not None:
-            metrics["balance_loss"] = out.balance_loss.item()
-        return out.loss, metrics
-
-    return loss_fn

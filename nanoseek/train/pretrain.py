@@ -12,22 +12,18 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.errors import UserError
+from nanoseek.cost.accounting import train_flops_per_token as flops_per_token
+from nanoseek.errors import UserError, warn
+from nanoseek.hf import load_weights, tokenizer_files
+from nanoseek.inference.engine import hf_generate
 from nanoseek.model import DeepseekV3ForCausalLM
-from nanoseek.train.config import TrainConfig, load_train_config
-from nanoseek.train.core import Trainer, lm_loss_fn, load_weights, seed_everything
+from nanoseek.train.config import LanguageModelingConfig, PretrainConfig, TrainerConfig, load_train_config
+from nanoseek.train.core import LossFn, Trainer, print_summary, seed_everything
 
 
 def train_flops_per_token(model_cfg, seq_len: int) -> float:
     """FLOPs per trained token from nanoseek.cost (causal attention and the MTP modules included)."""
-    from nanoseek.cost import train_flops_per_token as flops
-
-    return flops(model_cfg, seq_len, include_mtp=model_cfg.num_nextn_predict_layers > 0)
-
-
-def tokenizer_files(data_dir: Path) -> dict[str, Path]:
-    tok = data_dir / "tokenizer"
-    return {f.name: f for f in sorted(tok.glob("*.json"))} if tok.is_dir() else {}
+    return flops_per_token(model_cfg, seq_len, include_mtp=model_cfg.num_nextn_predict_layers > 0)
 
 
 @torch.no_grad()
@@ -47,13 +43,15 @@ def evaluate_loss(model: DeepseekV3ForCausalLM, data_dir: str, seq_len: int, bat
     return sum(losses) / len(losses)
 
 
-def build_model(cfg: TrainConfig, vocab_needed: int) -> DeepseekV3ForCausalLM:
+def build_model(cfg: TrainerConfig, vocab_needed: int, seq_len: int | None = None) -> DeepseekV3ForCausalLM:
+    """The model of `cfg` (weights from init_from when set), checked against the tokenizer's vocabulary
+    and, when given, the training sequence length."""
     model_cfg = cfg.model_config()
     if vocab_needed > model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {vocab_needed} tokens but the model's vocab_size is "
                         f"{model_cfg.vocab_size}: set model.vocab_size={vocab_needed} (or larger)")
-    if cfg.seq_len > model_cfg.max_position_embeddings:
-        raise UserError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+    if seq_len is not None and seq_len > model_cfg.max_position_embeddings:
+        raise UserError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
                         f"{model_cfg.max_position_embeddings} (use YaRN: yarn_factor=..., or raise it)")
     model = DeepseekV3ForCausalLM(model_cfg)
     if cfg.init_from:
@@ -63,15 +61,37 @@ def build_model(cfg: TrainConfig, vocab_needed: int) -> DeepseekV3ForCausalLM:
     return model
 
 
-def run_pretraining(cfg: TrainConfig, resume: bool = False) -> Trainer:
+def lm_loss_fn(cfg: LanguageModelingConfig, trainer: Trainer) -> LossFn:
+    """Pretraining loss: next-token CE + lambda * MTP CE + sequence-wise balance loss, with lambda from
+    the config's schedule at the trainer's current step."""
+
+    def loss_fn(model: DeepseekV3ForCausalLM, batch: torch.Tensor):
+        batch = batch.to(trainer.device)
+        out = model(batch, labels=batch, mtp_weight=cfg.mtp_weight(trainer.step))
+        metrics = {"loss": out.loss.item(), "lm_loss": out.lm_loss.item()}
+        if out.mtp_loss is not None:
+            metrics["mtp_loss"] = out.mtp_loss.item()
+        if out.balance_loss is not None:
+            metrics["balance_loss"] = out.balance_loss.item()
+        return out.loss, metrics
+
+    return loss_fn
+
+
+def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
     from nanoseek.data import TokenLoader
 
+    cfg.validate()
     seed_everything(cfg.seed)
     loader = TokenLoader(cfg.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
-    model = build_model(cfg, loader.vocab_size)
+    model = build_model(cfg, loader.vocab_size, cfg.seq_len)
     tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum
+    extra_files = tokenizer_files(loader.tokenizer_dir)
+    if not extra_files:
+        warn(f"{cfg.data} has no tokenizer ({loader.tokenizer_dir}): the exported model will have no tokenizer "
+             "(generate and chat will need --tokenizer)")
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, cfg.seq_len), tokens_per_step,
-                      extra_files=tokenizer_files(Path(cfg.data)))
+                      extra_files=extra_files)
 
     def evaluate() -> dict:
         try:
@@ -81,9 +101,10 @@ def run_pretraining(cfg: TrainConfig, resume: bool = False) -> Trainer:
         return {"val_loss": loss}
 
     def sample() -> dict:
-        return {"sample": sample_text(model, Path(cfg.data) / "tokenizer", cfg.sample_prompt, trainer.device)}
+        return {"sample": sample_text(model, loader.tokenizer_dir, cfg.sample_prompt, trainer.device)}
 
-    trainer.fit(loader, lm_loss_fn(trainer), evaluate=evaluate, sample=sample, resume=resume)
+    trainer.fit(loader, lm_loss_fn(cfg, trainer), evaluate=evaluate, sample=sample, resume=resume,
+                sample_every=cfg.sample_every)
     return trainer
 
 
@@ -99,25 +120,22 @@ def sample_text(model: DeepseekV3ForCausalLM, tokenizer_dir: Path, prompt: str, 
     ids = torch.tensor([tok.encode(prompt)], device=device)
     was_training = model.training
     model.eval()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id)
+    out = hf_generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id)
     model.train(was_training)
     return prompt + tok.decode(out[0, ids.shape[1]:].tolist(), skip_special=True)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with TrainConfig fields ([model_overrides] table = ModelConfig fields)")
+    p.add_argument("--config", help="TOML file with PretrainConfig fields ([model_overrides] table = ModelConfig "
+                                    "fields)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a setting, e.g. max_steps=500 lr=1e-3 model.n_routed_experts=16")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_train_config(TrainConfig, args.config, args.overrides)
+    cfg = load_train_config(PretrainConfig, args.config, args.overrides)
     trainer = run_pretraining(cfg, resume=args.resume)
-    last = trainer.history[-1] if trainer.history else {}
-    summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "val_loss", "load_max_mean", "tokens_per_s", "mfu")
-                        if k in last)
-    print(f"done: step {trainer.step}; {summary}")
-    print(f"model: {trainer.out_dir / 'model'}")
+    print_summary(trainer, ("loss", "val_loss", "load_max_mean", "tokens_per_s", "mfu"))
     return 0
