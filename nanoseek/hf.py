@@ -174,7 +174,7 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | 
     if tokenizer_dir and not tok_path.exists():
         raise UserError(f"tokenizer {tok_path} does not exist")
     if tok_path.is_dir() and not (tok_path / "tokenizer.json").is_file():
-        hint = "" if tokenizer_dir else " (models exported by nanoseek carry one; or pass a tokenizer directory)"
+        hint = "" if tokenizer_dir else "; pass the tokenizer's directory (--tokenizer DIR)"
         raise UserError(f"no tokenizer.json in {tok_path}{hint}")
     tokenizer = load_tokenizer(tok_path)
     if tokenizer.vocab_size > cfg.vocab_size:

@@ -5,7 +5,9 @@
 R1-style replies are `<think> reasoning </think> <answer> answer </answer>`. The reasoning streams
 dim and italic after a `thinking:` label (plain text when stdout is not a terminal), the answer after
 `assistant:`; `--no-think` hides the reasoning. The tags themselves are not printed. Earlier turns go
-back into the prompt without their reasoning, as DeepSeek-R1's template does.
+back into the prompt without their reasoning, as DeepSeek-R1's template does. Messages are user text:
+control tokens typed into them (`<|eos|><|system|>...`) are encoded as plain characters, so a message
+cannot forge a turn (`Tokenizer.encode_chat`).
 Commands: /reset forgets the conversation, /exit (or end of input) leaves; Ctrl-C cuts a reply short.
 """
 
@@ -15,9 +17,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from rich.console import Console
+
 from nanoseek.errors import UserError
-from nanoseek.inference.cli import (TextStream, add_sampling_arguments, apply_threads, check_speculative,
-                                    load_model_and_tokenizer, sampling_params)
+from nanoseek.inference.cli import TextStream, add_sampling_arguments, checked_text, setup
+from nanoseek.inference.engine import Generation
 
 HELP = "commands: /reset (new conversation), /exit"
 
@@ -86,8 +90,7 @@ class ChatSession:
         fewer than `room` tokens of context. Raises UserError when even the new message alone is too long."""
         self.turns.append({"role": "user", "content": user})
         while True:
-            text = self.tok.apply_chat_template(self.system + self.turns, add_generation_prompt=True)
-            ids = self.tok.encode(text, special=True)
+            ids = self.tok.encode_chat(self.system + self.turns, add_generation_prompt=True)
             if len(ids) + room <= self.context or len(ids) < self.context and len(self.turns) == 1:
                 return ids
             if len(self.turns) == 1:
@@ -100,15 +103,10 @@ class ChatSession:
 
 
 def run(args: argparse.Namespace, read_line: Callable[[str], str] | None = None) -> int:
-    from rich.console import Console
-
-    from nanoseek.inference.engine import Generation
-
     read_line = read_line or input
-    apply_threads(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
-    check_speculative(args, model)
-    params = sampling_params(args)
+    if args.system is not None:
+        checked_text(args.system, "--system")
+    model, tokenizer, params = setup(args)
     console = Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=True)
     session = ChatSession(tokenizer, model.config.max_position_embeddings, args.system)
     console.print(f"nanoseek chat: {args.model} ({HELP})", style="dim")
@@ -128,7 +126,7 @@ def run(args: argparse.Namespace, read_line: Callable[[str], str] | None = None)
         if not line:
             continue
         try:
-            prompt = session.prompt(line, room=min(params.max_new_tokens, 64))
+            prompt = session.prompt(checked_text(line, "the message"), room=min(params.max_new_tokens, 64))
         except UserError as e:
             console.print(f"error: {e}", style="red")
             continue

@@ -3,10 +3,14 @@ tokenizer files next to them or given by --tokenizer).
 
     nanoseek generate --model runs/small --prompt "Once upon a time" --max-new-tokens 64
     nanoseek generate --model runs/r1 --chat --prompt "What is 12 * 7?" --temperature 0.6 --seed 0
+    nanoseek generate --model runs/small --prompt-file prompts.txt --batch-size 16
 
 A raw prompt is encoded after an EOS token, because pretraining shards separate documents with EOS
 (nanoseek.data), so "after EOS" is where the model has seen documents begin. `--chat` wraps the prompt
-in the tokenizer's chat template instead. One prompt is streamed; several are generated as a batch.
+in the chat format instead. Prompt text is user text: control tokens typed into it (`<|eos|>`,
+`<|system|>`, ...) are encoded as plain characters, never as the control ids.
+One prompt is streamed; several are generated in batches of `--batch-size` (memory grows with the batch
+times its longest prompt), with the same output as one big batch: row i samples with seed + i.
 """
 
 from __future__ import annotations
@@ -15,36 +19,17 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from nanoseek.errors import UserError
+import torch
 
-
-# ---------------------------------------------------------------------------------------------- loading
-def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str | None = None, dtype: str = "float32",
-                             device: str = "cpu"):
-    """Model and tokenizer for inference, with one clear error for each way the pair can be unusable.
-    The tokenizer and config are checked before the weights are read."""
-    import nanoseek
-    from nanoseek.config import ModelConfig
-    from nanoseek.data.tokenizer import load_tokenizer
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise UserError(f"model directory {model_dir} does not exist")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{model_dir} has no config.json: not a model directory")
-    cfg = ModelConfig.from_json(path)
-    tok_path = Path(tokenizer_dir) if tokenizer_dir else path
-    if not (tok_path / "tokenizer.json").is_file() and not tok_path.is_file():
-        hint = "" if tokenizer_dir else "; pass --tokenizer DIR"
-        raise UserError(f"no tokenizer.json in {tok_path}{hint}")
-    tokenizer = load_tokenizer(tok_path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise UserError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                        f"{cfg.vocab_size}: they do not belong together")
-    model = nanoseek.from_pretrained(path, dtype=dtype, device=device).eval()
-    return model, tokenizer
+from nanoseek.device import resolve_device
+from nanoseek.errors import UserError, require
+from nanoseek.hf import load_model_and_tokenizer
+from nanoseek.inference.engine import Generation
+from nanoseek.inference.requests import check_prompts
+from nanoseek.inference.sampling import SamplingParams
 
 
 class TextStream:
@@ -82,24 +67,20 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
     p.add_argument("--top-p", type=float, default=top_p)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--seed", type=int, help="sampling seed (row i of a batch uses seed + i)")
+    p.add_argument("--seed", type=int, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--speculative", action="store_true",
                    help="draft one token ahead with the model's MTP module, verify with the trunk")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N], mps or auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is often fastest for small models, and "
                    "much steadier on a busy machine)")
 
 
 def sampling_params(args: argparse.Namespace, **extra):
-    from nanoseek.inference.sampling import SamplingParams
-
+    """SamplingParams from the flags; an out-of-range value is one SettingError naming it."""
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, **extra)
-    try:
-        params.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    params.validate()
     return params
 
 
@@ -109,55 +90,107 @@ def check_speculative(args: argparse.Namespace, model) -> None:
                         "(num_nextn_predict_layers = 0, or a checkpoint saved by transformers)")
 
 
-# ---------------------------------------------------------------------------------------------- command
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="prompt text; repeat for a batch (streamed when there is one)")
-    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    add_sampling_arguments(parser, temperature=0.0, top_p=1.0, max_new_tokens=128)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no statistics on stderr")
+def setup(args: argparse.Namespace, **extra):
+    """Check every setting, then load: (model in eval mode, tokenizer, sampling params)."""
+    require(args.threads is None or args.threads >= 1, "--threads", args.threads, "an integer >= 1")
+    params = sampling_params(args, **extra)
+    device = resolve_device(args.device, "--device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, device)
+    check_speculative(args, model)
+    return model.eval(), tokenizer, params
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def checked_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; command-line bytes that are not UTF-8 arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid UTF-8 (at character {e.start})") from None
+    return text
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file ("-" = standard input), one prompt per line."""
+    if path == "-":
+        data, name = sys.stdin.buffer.read(), "standard input"
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise UserError(f"prompt file {path} does not exist")
+        if not file.is_file():
+            raise UserError(f"prompt file {path} is not a regular file")
+        data, name = file.read_bytes(), f"prompt file {path}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name} is not valid UTF-8 (byte {e.start})") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """User text -> ids, control tokens in it encoded as plain text."""
     if chat:
         return tokenizer.encode_chat([{"role": "user", "content": text}])
     return [tokenizer.eos_id] + tokenizer.encode(text)
 
 
-def apply_threads(args: argparse.Namespace) -> None:
-    if args.threads:
-        import torch
+# ---------------------------------------------------------------------------------------------- command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="prompt text; repeat for several (one prompt is streamed)")
+    parser.add_argument("--prompt-file", help="UTF-8 text file with one prompt per line ('-' = stdin)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat format")
+    add_sampling_arguments(parser, temperature=0.0, top_p=1.0, max_new_tokens=128)
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="prompts generated together (memory grows with it and the longest prompt)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no statistics on stderr")
 
-        torch.set_num_threads(args.threads)
+
+def batch_seed(seed: int | None, start: int, n: int) -> list[int] | None:
+    """Per-row seeds of the prompts start..start+n-1, as one batch of all prompts would use them."""
+    return None if seed is None else [seed + start + i for i in range(n)]
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.inference.engine import Generation, check_prompts
-
-    apply_threads(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
-    check_speculative(args, model)
-    params = sampling_params(args, stop_strings=tuple(args.stop))
-    prompts = [encode_prompt(tokenizer, text, args.chat) for text in args.prompt]
+    require(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1")
+    texts = [checked_text(t, "--prompt") for t in args.prompt]
+    if args.prompt_file:
+        texts += read_prompt_file(args.prompt_file)
+    if not texts:
+        raise UserError("no prompt given: use --prompt TEXT (repeatable) or --prompt-file FILE")
+    for stop in args.stop:
+        checked_text(stop, "--stop")
+    model, tokenizer, params = setup(args, stop_strings=tuple(args.stop))
+    prompts = [encode_prompt(tokenizer, text, args.chat) for text in texts]
     check_prompts(model, prompts)
-    run = Generation(model, prompts, params, eos_token_id=tokenizer.eos_id, decode=tokenizer.decode,
-                     speculative=args.speculative)
+    stream = len(prompts) == 1
     text = TextStream(tokenizer.decode)
-    start = time.perf_counter()
-    for event in run:
-        if len(prompts) == 1 and event.token_id != tokenizer.eos_id:
-            sys.stdout.write(text.push(event.token_id))
+    rows, seconds = [], 0.0
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        chunk_params = replace(params, seed=batch_seed(args.seed, start, len(chunk)))
+        run = Generation(model, chunk, chunk_params, eos_token_id=tokenizer.eos_id, decode=tokenizer.decode,
+                         speculative=args.speculative)
+        began = time.perf_counter()
+        for event in run:
+            if stream and event.token_id != tokenizer.eos_id:
+                sys.stdout.write(text.push(event.token_id))
+                sys.stdout.flush()
+        seconds += time.perf_counter() - began
+        if not stream:
+            for i, row in enumerate(run.completions, start=start):
+                body = tokenizer.decode([t for t in row.token_ids if t != tokenizer.eos_id])
+                sys.stdout.write(f"=== {i}: {texts[i]}\n{body}\n")
             sys.stdout.flush()
-    seconds = time.perf_counter() - start
-    if len(prompts) == 1:
+        rows += run.completions
+    if stream:
         sys.stdout.write(text.flush() + "\n")
-    else:
-        for i, (prompt, row) in enumerate(zip(args.prompt, run.completions)):
-            body = tokenizer.decode([t for t in row.token_ids if t != tokenizer.eos_id])
-            sys.stdout.write(f"=== {i}: {prompt}\n{body}\n")
     if not args.quiet:
-        print(summary(run.completions, seconds), file=sys.stderr)
+        print(summary(rows, seconds), file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.errors import is_finite_number, require
+
 
 @dataclass
 class SamplingParams:
@@ -33,18 +35,15 @@ class SamplingParams:
     raw_logprobs: bool = False
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if any(not s for s in self.stop_strings):
-            raise ValueError("stop strings must be non-empty")
+        """One `SettingError` (a ValueError and a UserError) naming the first field out of range."""
+        require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
+                self.max_new_tokens, "an integer >= 1")
+        require(is_finite_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+                "a finite number >= 0 (0 = greedy)")
+        require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        require(is_finite_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        require(is_finite_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        require(all(self.stop_strings), "stop_strings", list(self.stop_strings), "non-empty strings")
 
     @property
     def greedy(self) -> bool:
