@@ -73,7 +73,7 @@ def test_cache_bytes_per_token_is_the_latent_formula(dtype):
     cache = LatentKVCache(cfg.num_hidden_layers, 3, 100, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype)
     itemsize = torch.finfo(dtype).bits // 8
     assert cache.bytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * itemsize
-    # the V3 figure of REFERENCE §2
+    # V3 in BF16: (kv_lora_rank 512 + rope 64) x 61 layers x 2 bytes (DeepSeek-V3 technical report, §2.1.1)
     v3 = preset("v3-671b")
     assert (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * 2 == 70_272
 
