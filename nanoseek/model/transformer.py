@@ -146,14 +146,14 @@ class DeepseekV3ForCausalLM(nn.Module):
           positions come from the cache; labels are not accepted.
         logits_to_keep: compute logits for the last n positions only (0 = all), as generation needs.
         """
-        for moe in self.moe_layers():  # a layer that does not run in this call must not report a loss
-            moe.balance_loss = None
         if cache is not None:
             if labels is not None or position_ids is not None:
                 raise ValueError("with a cache, positions come from the cache and no loss is computed")
             cache.begin_step(input_ids.shape[1], None if attention_mask is None else attention_mask.bool())
             attn_mask = None
         else:
+            for moe in self.moe_layers():  # a layer that does not run in this call must not report a loss
+                moe.balance_loss = None  # (nor keep its old graph alive)
             T = input_ids.shape[1]
             if T > self.config.max_position_embeddings:
                 raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
