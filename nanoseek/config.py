@@ -270,6 +270,7 @@ class ModelConfig:
         path = Path(path)
         if path.suffix != ".json":
             path = path / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, dict(sorted(self.to_dict().items())))
 
     def replace(self, **changes: Any) -> "ModelConfig":

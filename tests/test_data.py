@@ -1,6 +1,7 @@
 """Data pipeline: reading documents, bad input, shard preparation (determinism, split, atomicity,
 checksums) and the packed, resumable TokenLoader."""
 
+import errno
 import gzip
 import json
 import re
@@ -21,6 +22,7 @@ from nanoseek.data.encoding import choose_dtype
 from nanoseek.data.preparation import is_val_doc
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.errors import UserError
+from nanoseek.files import WriteError
 
 DOCS = synthetic_corpus(600, seed=0)
 
@@ -204,8 +206,7 @@ def test_interrupted_prepare_keeps_old_data_and_leaves_no_partials(tmp_path, tok
             prepare([src], tok, target, shard_tokens=1000, workers=1, progress=False)
         assert not list(target.glob(".*partial"))
     assert verify_dataset(out) == before  # the old dataset is untouched and still valid
-    with pytest.raises(UserError, match="no manifest.json"):
-        TokenLoader(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()  # the directory the failed run created is gone again
 
 
 def test_reprepare_removes_stale_shards(tmp_path, tok):
@@ -215,6 +216,107 @@ def test_reprepare_removes_stale_shards(tmp_path, tok):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
     assert len(m["splits"]["train"]["shards"]) == 1
 
+
+
+def test_reprepare_keeps_files_it_did_not_write(tmp_path, tok):
+    """Only the shards the previous manifest listed are removed; other files stay; a shard-named file
+    that no manifest lists makes prepare refuse before it changes anything."""
+    src = write_corpus(DOCS, tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    prepare([src], tok, out, shard_tokens=2000, workers=1, progress=False)
+    notes = _write(out / "train_notes.bin", b"mine")
+    prepare([src], tok, out, shard_tokens=10**6, workers=1, progress=False)
+    assert notes.read_bytes() == b"mine"
+    foreign = _write(out / "val_000007.bin", b"not from prepare")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="no manifest there lists.*val_000007.bin"):
+        prepare([src], tok, out, shard_tokens=3000, workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    foreign.unlink()
+    verify_dataset(out)
+
+
+def test_interrupted_commit_still_owns_its_shards(tmp_path, tok, monkeypatch):
+    """Killed between moving shards into place and writing the manifest: the pending manifest says
+    which shards were ours, so the next run replaces them instead of refusing."""
+    src = write_corpus(DOCS, tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    real = prepare_module.write_json
+
+    def killed(path, obj, **kw):
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt
+        return real(path, obj, **kw)
+
+    monkeypatch.setattr(prepare_module, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([src], tok, out, shard_tokens=2000, workers=1, progress=False)
+    assert (out / "train_000000.bin").exists() and not (out / "manifest.json").exists()
+    monkeypatch.setattr(prepare_module, "write_json", real)
+    m = prepare([src], tok, out, shard_tokens=10**6, workers=1, progress=False)
+    assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
+    assert not (out / prepare_module.PENDING).exists() and verify_dataset(out) == m
+
+
+def test_partials_of_a_killed_prepare_are_removed(tmp_path, tok):
+    src = write_corpus(DOCS[:50], tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [_write(out / ".train_000000.bin.4242.partial", b"x" * 100),
+            _write(out / ".val_000003.bin.77.partial", b"y")]
+    other = _write(out / ".notes.partial", b"not ours")
+    prepare([src], tok, out, workers=1, progress=False)
+    assert not any(p.exists() for p in left) and other.exists()
+
+
+class _FullDisk:
+    """A shard file on a full disk: writes fail after `room` bytes, and so does close (its buffer
+    cannot be flushed), as with ENOSPC on a real filesystem."""
+
+    def __init__(self, path, room):
+        self._f, self.room = open(path, "wb"), room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self._f.write(data)
+
+    def close(self):
+        self._f.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("room", [0, 7000])
+def test_full_disk_is_one_error_and_leaves_no_partials(tmp_path, tok, monkeypatch, room):
+    import nanoseek.data.shards as shards
+
+    src = write_corpus(DOCS, tmp_path / "c.jsonl")
+    out = tmp_path / "out"
+    prepare([src], tok, out, shard_tokens=3000, workers=1, progress=False)
+    before = read_manifest(out)
+    monkeypatch.setattr(shards, "open", lambda path, mode: _FullDisk(path, room), raising=False)
+    for target in (out, tmp_path / "fresh"):
+        with pytest.raises(WriteError, match="No space left on device") as info:
+            prepare([src], tok, target, shard_tokens=2000, workers=1, progress=False)
+        assert "\n" not in str(info.value)
+        assert not list(target.glob(".*partial"))
+    assert verify_dataset(out) == before
+
+
+def test_full_disk_while_committing_leaves_no_partials(tmp_path, tok, monkeypatch):
+    src = write_corpus(DOCS, tmp_path / "c.jsonl")
+
+    def full(path, obj, **kw):
+        raise WriteError(f"could not write {path} (No space left on device)")
+
+    monkeypatch.setattr(prepare_module, "write_json", full)
+    with pytest.raises(WriteError, match="No space left"):
+        prepare([src], tok, tmp_path / "out", shard_tokens=2000, workers=1, progress=False)
+    assert not list((tmp_path / "out").glob(".*partial")) and not list((tmp_path / "out").glob("*.bin"))
 
 # ---- loader -----------------------------------------------------------------------------------------
 def test_batches_are_windows_of_the_stream(dataset):
@@ -302,9 +404,48 @@ def test_corruption_is_detected(dataset, tmp_path):
         TokenLoader(out, seq_len=16, verify=False)
 
 
+def test_flipped_byte_in_the_val_shard_is_detected(dataset, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(dataset, out)
+    shard = out / read_manifest(out)["splits"]["val"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    # the training loader verifies every split, so a run that evaluates with verify=False is covered
+    with pytest.raises(UserError, match=r"val_000000.bin: checksum mismatch"):
+        TokenLoader(out, split="train", seq_len=16)
+    with pytest.raises(UserError, match="checksum mismatch"):
+        verify_dataset(out)
+    TokenLoader(out, split="val", seq_len=16, verify=False)  # sizes still match: only sha256 can tell
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.pop("splits"), "no 'splits' entry"),
+    (lambda m: m.update(splits=[]), "'splits' must map"),
+    (lambda m: m["splits"]["val"].pop("shards"), "split 'val' does not list its shards"),
+    (lambda m: m["splits"]["train"]["shards"][0].pop("sha256"), "split 'train' does not list"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(file="../../etc/passwd"), "split 'train'"),
+    (lambda m: m.update(dtype="float64"), "unknown token dtype"),
+])
+def test_damaged_manifest_is_one_clear_error(dataset, tmp_path, damage, message):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(dataset, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    damage(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=message):
+        TokenLoader(out, seq_len=16)
+
+
 def test_not_a_data_dir(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         TokenLoader(tmp_path / "nope")
+    with pytest.raises(UserError, match="is a file, not a data directory"):
+        TokenLoader(_write(tmp_path / "file", "x"))
     with pytest.raises(UserError, match="no manifest.json"):
         TokenLoader(tmp_path)
     _write(tmp_path / "manifest.json", "{}")

@@ -14,6 +14,7 @@ Guarantees (why they matter):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -73,6 +74,7 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     owned = _owned_shards(out) if out.is_dir() else set()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if prepare fails
     out.mkdir(parents=True, exist_ok=True)
     remove_partials(out, SPLITS)
 
@@ -87,12 +89,10 @@ def prepare(
                 bar.set_postfix(tokens=writers["train"].num_tokens + writers["val"].num_tokens)
         splits = {s: w.finish() for s, w in writers.items()}
     except OSError as e:  # a full disk, most likely: one line, and no partial shard left behind
-        for w in writers.values():
-            w.abort()
+        _abort(writers, created)
         raise WriteError(f"could not write token shards to {out} ({e.strerror or e})") from None
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        _abort(writers, created)
         raise
     finally:
         bar.close()
@@ -115,6 +115,15 @@ def prepare(
     }
     _commit(out, tok, writers, manifest, owned)
     return manifest
+
+
+def _abort(writers: dict, created: list[Path]) -> None:
+    """Remove every partial shard, and the directories this run created if they are empty again."""
+    for w in writers.values():
+        w.abort()
+    for directory in created:  # deepest first
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _listed(path: Path) -> set[str] | None:
