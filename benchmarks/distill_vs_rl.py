@@ -54,11 +54,11 @@ def distill(out: Path, p: dict, z, task, teacher: Path, student_base: Path, k: i
     """Rejection-sample the teacher on the train split, then SFT the student base on the traces."""
     from nanoseek.r1.configs import DistillConfig
     from nanoseek.r1.distill import run_distill
-    from nanoseek.r1.rollout import load_policy
+    from nanoseek.hf import load_model_and_tokenizer
     from nanoseek.r1.sample import sample_traces, write_jsonl
 
     t0 = time.process_time()
-    model, tok = load_policy(teacher)
+    model, tok = load_model_and_tokenizer(teacher)
     rows, stats = sample_traces(model, tok, task, k=k, template="compact",
                                 max_new_tokens=p["max_new_tokens"], temperature=1.0,
                                 split="train", seed=seed, model_name=str(teacher))

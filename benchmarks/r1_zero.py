@@ -111,9 +111,9 @@ def evaluate(model_dir: Path, task, p: dict) -> dict:
     import tempfile
 
     from nanoseek.r1.evaluate import evaluate_model
-    from nanoseek.r1.rollout import load_policy
+    from nanoseek.hf import load_model_and_tokenizer
 
-    model, tok = load_policy(model_dir)
+    model, tok = load_model_and_tokenizer(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.jsonl"
         r = evaluate_model(model, tok, task, k=4, template="compact",

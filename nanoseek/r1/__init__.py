@@ -50,7 +50,7 @@ _LAZY = {
     "k3_kl": "grpo_loss",
     "evaluate_model": "evaluate", "sample_traces": "sample",
     "DistillConfig": "configs", "run_distill": "distill",
-    "load_policy": "rollout", "generate_completions": "rollout",
+    "generate_completions": "rollout", "encode_prompt": "rollout",
     "score_completion": "rollout",
 }
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from nanoseek.device import resolve_device
 from nanoseek.errors import UserError
 from nanoseek.files import write_lines
+from nanoseek.hf import load_model_and_tokenizer, model_directory
 from nanoseek.r1.cli_options import (
     add_task_arguments,
     check_generation_args,
@@ -22,7 +23,7 @@ from nanoseek.r1.cli_options import (
     task_from_args,
 )
 from nanoseek.r1.eval_metrics import EvalResult
-from nanoseek.r1.rollout import load_policy, rollout
+from nanoseek.r1.rollout import rollout
 from nanoseek.r1.tasks import Task
 
 
@@ -82,13 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_generation_args(args, min_k=0)
+    model_directory(args.model)
     metrics_out = Path(args.model) / "eval.jsonl" if args.metrics_out is None else args.metrics_out
     for flag, path in (("--samples-out", args.samples_out), ("--metrics-out", metrics_out)):
         if path:
             check_output_file(path, flag)
     device = resolve_device(args.device, "--device")
     task = task_from_args(args)
-    model, tok = load_policy(args.model, device)
+    model, tok = load_model_and_tokenizer(args.model, device=device)
     result = evaluate_model(model, tok, task, k=args.k, template=args.template,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, n_problems=args.limit or None,

@@ -34,14 +34,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-from pathlib import Path
 
 from nanoseek.errors import UserError
+from nanoseek.hf import model_directory, tokenizer_files
 from nanoseek.r1.configs import GRPOConfig
 from nanoseek.r1.grpo_batches import RolloutSource
 from nanoseek.r1.grpo_objective import grpo_loss_fn
 from nanoseek.r1.grpo_report import greedy_eval, write_samples
-from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for, tokenizer_files
+from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.sft import config_from_args
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.train.core import Trainer, seed_everything
@@ -64,8 +64,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
     if not cfg.init_from:
         raise UserError("GRPO needs a starting model: --model DIR (init_from=DIR)")
     cfg = dataclasses.replace(cfg)  # time_limit_min may shorten max_steps: not the caller's copy
-    if not Path(cfg.init_from).is_dir():
-        raise UserError(f"model directory {cfg.init_from} does not exist")
+    model_directory(cfg.init_from)
     seed_everything(cfg.seed)
     task = cfg.make_task()
     tok_dir = tokenizer_dir_for(cfg)

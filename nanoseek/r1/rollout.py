@@ -1,5 +1,6 @@
-"""What the R1 commands share: loading a policy, building a task, rendering prompts, generating
-completions with per-token log-probabilities, and scoring them.
+"""What the R1 commands share: finding the tokenizer, building a task, rendering and encoding
+prompts, generating completions with per-token log-probabilities, and scoring them. Models and
+their tokenizers are loaded by `nanoseek.hf.load_model_and_tokenizer`.
 
 Generation goes through `generate_completions`, a thin adapter over the inference engine
 (`nanoseek.inference.generate`: latent KV cache, per-row seeded sampling, per-token log-probs and
@@ -37,38 +38,6 @@ from nanoseek.r1.verify import VerifierTimeout, run_with_timeout, to_score
 
 
 # ================================================================== model + tokenizer
-
-
-def load_policy(model_dir: str | Path, device: str | torch.device = "cpu",
-                tokenizer_dir: str | Path | None = None):
-    """(model, tokenizer) from an HF-format directory holding tokenizer.json, with one clear
-    UserError for a missing directory or tokenizer."""
-    from nanoseek.hf import from_pretrained
-    from nanoseek.data.tokenizer import load_tokenizer
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise UserError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: not a model directory")
-    tok_path = Path(tokenizer_dir) if tokenizer_dir else path
-    if not (tok_path / "tokenizer.json").is_file():
-        raise UserError(f"no tokenizer.json in {tok_path}; models exported by nanoseek carry one "
-                        f"(or pass a tokenizer directory)")
-    tokenizer = load_tokenizer(tok_path)
-    model = from_pretrained(path, device=device)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer in {tok_path} has {tokenizer.vocab_size} tokens but the model's "
-                        f"vocab_size is {model.config.vocab_size}")
-    return model, tokenizer
-
-
-def tokenizer_files(directory: str | Path) -> dict[str, Path]:
-    """Tokenizer JSON files of a model directory, for `Trainer(extra_files=...)`, so exported models
-    and checkpoints stay self-contained."""
-    d = Path(directory)
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    return {n: d / n for n in names if (d / n).is_file()}
 
 
 def tokenizer_dir_for(cfg) -> Path:

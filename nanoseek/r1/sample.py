@@ -23,13 +23,14 @@ from nanoseek.data.tokenizer import THINK
 from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, require, warn
 from nanoseek.files import write_lines
+from nanoseek.hf import load_model_and_tokenizer, model_directory
 from nanoseek.r1.cli_options import (
     add_task_arguments,
     check_generation_args,
     check_output_file,
     task_from_args,
 )
-from nanoseek.r1.rollout import load_policy, rollout
+from nanoseek.r1.rollout import rollout
 from nanoseek.r1.tasks import Problem, Task, chat_messages
 
 
@@ -103,10 +104,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_generation_args(args, min_k=1)
     require(args.max_per_problem >= 0, "--max-per-problem", args.max_per_problem, ">= 0 (0 = all)")
+    model_directory(args.model)
     out = check_output_file(args.out, "--out")
     device = resolve_device(args.device, "--device")
     task = task_from_args(args)
-    model, tok = load_policy(args.model, device)
+    model, tok = load_model_and_tokenizer(args.model, device=device)
     rows, stats = sample_traces(model, tok, task, k=args.k, template=args.template,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, split=args.split, n_problems=args.limit or None,

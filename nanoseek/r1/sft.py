@@ -34,9 +34,9 @@ from nanoseek.data.jsonl import read_jsonl_objects
 from nanoseek.data.shuffle import EpochOrder
 from nanoseek.data.tokenizer import ROLES
 from nanoseek.errors import UserError
-from nanoseek.model.transformer import next_token_ce
+from nanoseek.hf import model_directory, tokenizer_files
 from nanoseek.r1.configs import SFTConfig
-from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for, tokenizer_files
+from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.tasks import Problem
 from nanoseek.train.config import load_train_config
 from nanoseek.train.core import Trainer, seed_everything
@@ -221,31 +221,22 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
 
 
 def packed_lm_loss(model, batch: dict[str, torch.Tensor], mtp_weight: float = 0.0):
-    """Completion-only next-token loss on packed sequences (+ MTP and MoE balance losses).
-
-    Calls the model's trunk directly because `model.forward` builds only causal/padding masks.
-    Returns (loss, metrics)."""
+    """Completion-only next-token loss on packed sequences (+ MTP and MoE balance losses), through
+    the model's public forward: the block-diagonal `segment_mask` as attention mask, positions
+    restarting per example, -100 labels ignored. Returns (loss, metrics)."""
     device = next(model.parameters()).device
-    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-    positions = batch["positions"].to(device)
-    mask = segment_mask(batch["segments"].to(device))
-    for moe in model.moe_layers():
-        moe.balance_loss = None  # a layer that does not run (MTP) must not keep an old graph
-    hidden = model.model(ids, positions, mask)
-    lm_loss = next_token_ce(model.lm_head(hidden), labels)
-    loss, metrics = lm_loss, {"lm_loss": lm_loss.item()}
-    if len(model.mtp) and mtp_weight > 0 and ids.shape[1] > len(model.mtp) + 1:
-        mtp = model._mtp_loss(hidden, ids, labels, positions, mask)
-        loss = loss + mtp_weight * mtp
-        metrics["mtp_loss"] = mtp.item()
-    balance = [m.balance_loss for m in model.moe_layers() if m.balance_loss is not None]
-    if balance:
-        b = torch.stack(balance).sum()
-        loss = loss + b
-        metrics["balance_loss"] = b.item()
-    metrics["loss"] = loss.item()
+    labels = batch["labels"].to(device)
+    out = model(batch["input_ids"].to(device), labels=labels,
+                attention_mask=segment_mask(batch["segments"].to(device)),
+                position_ids=batch["positions"].to(device), mtp_weight=mtp_weight)
+    metrics = {"lm_loss": out.lm_loss.item()}
+    if out.mtp_loss is not None:
+        metrics["mtp_loss"] = out.mtp_loss.item()
+    if out.balance_loss is not None:
+        metrics["balance_loss"] = out.balance_loss.item()
+    metrics["loss"] = out.loss.item()
     metrics["target_tokens"] = float((labels[:, 1:] != -100).sum())
-    return loss, metrics
+    return out.loss, metrics
 
 
 @torch.no_grad()
@@ -290,8 +281,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
 
     if not cfg.data:
         raise UserError("SFT needs data=FILE.jsonl (or --data)")
-    if cfg.init_from and not Path(cfg.init_from).is_dir():
-        raise UserError(f"model directory {cfg.init_from} does not exist")
+    if cfg.init_from:
+        model_directory(cfg.init_from)
     seed_everything(cfg.seed)
     tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
@@ -337,8 +328,7 @@ def config_from_args(cls, args: argparse.Namespace, extra: list[str] | None = No
     cfg = load_train_config(cls, args.config, overrides + list(args.overrides))
     if not cfg.init_from:
         raise UserError("give the model to fine-tune with --model DIR")
-    if not Path(cfg.init_from).is_dir():
-        raise UserError(f"model directory {cfg.init_from} does not exist")
+    model_directory(cfg.init_from)
     return cfg
 
 
