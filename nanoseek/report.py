@@ -7,7 +7,6 @@ import html
 import io
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 

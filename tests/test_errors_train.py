@@ -21,7 +21,9 @@ def files(tmp_path):
 
 CASES = [
     # (argv with {tmp} for the temporary directory, text the error line must contain)
-    (["pretrain", "out_dir={tmp}/a_file"], "`out_dir` = '{tmp}/a_file': must be a directory (this path is a file)"),
+    (["pretrain", "out_dir={tmp}/a_file"], "`out_dir` = '{tmp}/a_file': must be a directory (this path, or a"),
+    (["pretrain", "out_dir={tmp}/a_file/run"], "`out_dir` = '{tmp}/a_file/run': must be a directory"),
+    (["pretrain", "model.nope=3"], "unknown model field 'nope'"),
     (["pretrain", "--config", "{tmp}/conf_dir"], "config file {tmp}/conf_dir is not a file"),
     (["pretrain", "--config", "{tmp}/missing.toml"], "config file {tmp}/missing.toml does not exist"),
     (["pretrain", "--config", "{tmp}/latin1.toml"], "config file {tmp}/latin1.toml is not UTF-8 text"),

@@ -248,3 +248,28 @@ def test_recipe_configs_have_only_their_settings():
 def test_unknown_model_names_the_presets():
     with pytest.raises(UserError, match="model='huge' is neither a preset \\(tiny, small"):
         load_train_config(PretrainConfig, None, ["model=huge"])
+
+
+def test_mfu_peak_comes_from_the_hardware_table(monkeypatch, capsys):
+    from nanoseek.train import mfu
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert mfu.peak_flops(cuda, torch.bfloat16) == 312e12  # not an H100's 989.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert mfu.peak_flops(cuda, torch.bfloat16) == 989.5e12
+    assert mfu.peak_flops(cuda, torch.bfloat16, peak_tflops=100) == 100e12  # declared wins
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    assert mfu.peak_flops(cuda, torch.bfloat16) is None  # unknown: no MFU rather than a wrong one
+    assert capsys.readouterr().err.count("is not in the hardware table: MFU is not reported") == 1
+    assert mfu.peak_flops(torch.device("cpu"), None) > 0
+
+
+def test_unknown_peak_logs_no_mfu(data_dir, tmp_path, monkeypatch):
+    import nanoseek.train.core as core
+
+    monkeypatch.setattr(core, "peak_flops", lambda *a, **k: None)
+    run_pretraining(config(data_dir, tmp_path / "run", max_steps=2))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows and all("mfu" not in r and r["tokens_per_s"] > 0 for r in rows)

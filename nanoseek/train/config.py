@@ -13,12 +13,13 @@ Every recipe's settings are one flat namespace of dataclass fields, built from p
 A key that is not a field of the recipe's config is one error naming it. TOML values are type-checked
 exactly like `key=value` strings are parsed (an int where an int is declared, `true`/`false` for a bool).
 
-One name per setting. Three model fields are set by training settings, so they cannot be given as
+One name per setting. These model fields are set by training settings, so they cannot be given as
 `model.<field>` overrides (the exported config.json records the values used):
   `aux_alpha`  -> ModelConfig.aux_loss_alpha (the sequence-wise balance loss weight; 0 when balance=none)
   `balance`    -> ModelConfig.seq_aux (False for balance=aux_loss: the classic batch-wise loss)
   `mtp_lambda`, `mtp_lambda_final`, `mtp_lambda_switch_frac` -> the MTP weight given to the forward at
-               every step; ModelConfig.mtp_loss_weight is set to the weight of the final steps.
+               every step; ModelConfig.mtp_loss_weight is set to the weight of the final steps
+               (pretraining and SFT; GRPO trains no MTP loss and keeps the starting model's value).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nanoseek.config import PRESETS, ModelConfig, preset
 from nanoseek.device import resolve_device
@@ -41,10 +42,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-# model fields owned by a training setting (see the module docstring)
-MODEL_FIELDS_SET_BY_TRAINING = {"aux_loss_alpha": "aux_alpha", "seq_aux": "balance",
-                                "mtp_loss_weight": "mtp_lambda"}
-
 
 def _finite(x: float, low: float = 0.0, high: float = math.inf, low_open: bool = False,
             high_open: bool = False) -> bool:
@@ -55,9 +52,20 @@ def _finite(x: float, low: float = 0.0, high: float = math.inf, low_open: bool =
     return above and below
 
 
+def _can_be_directory(path: Path) -> bool:
+    """True when `path` is a directory or could be made one (its nearest existing ancestor is a directory)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return p.is_dir()
+    return True
+
+
 @dataclass
 class TrainerConfig:
     """The settings every training recipe shares."""
+
+    # model fields set from training settings (model field -> setting): not accepted as model.<field>
+    model_fields_owned: ClassVar[dict[str, str]] = {"aux_loss_alpha": "aux_alpha", "seq_aux": "balance"}
 
     # the model
     model: str = ""  # preset name or a config.json / model directory; "" = init_from's config, else "small"
@@ -109,10 +117,15 @@ class TrainerConfig:
         else:
             raise UserError(f"model={name!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json "
                             "or model directory")
-        owned = sorted(set(self.model_overrides) & set(MODEL_FIELDS_SET_BY_TRAINING))
+        owned = sorted(set(self.model_overrides) & set(self.model_fields_owned))
         if owned:
             raise UserError(f"model.{owned[0]} is set by the training setting "
-                            f"`{MODEL_FIELDS_SET_BY_TRAINING[owned[0]]}`: use that instead")
+                            f"`{self.model_fields_owned[owned[0]]}`: use that instead")
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model_overrides) - model_fields)
+        if unknown:
+            raise UserError(f"unknown model field {unknown[0]!r} (model.{unknown[0]}=...); model fields: "
+                            f"{', '.join(sorted(model_fields))}")
         try:
             cfg = cfg.replace(**self.model_overrides)
         except TypeError as e:
@@ -123,11 +136,10 @@ class TrainerConfig:
 
     def checks(self) -> list[tuple[bool, str, str]]:
         """(ok, setting, allowed range) for every field; subclasses add theirs."""
-        out_dir = Path(self.out_dir)
         return [
             (isinstance(self.model_overrides, dict), "model_overrides", "a table of ModelConfig fields"),
-            (bool(self.out_dir) and (not out_dir.exists() or out_dir.is_dir()), "out_dir",
-             "a directory (this path is a file)" if out_dir.exists() else "a directory path"),
+            (bool(self.out_dir) and _can_be_directory(Path(self.out_dir)), "out_dir",
+             "a directory (this path, or a folder above it, is a file)"),
             (self.max_steps >= 1, "max_steps", ">= 1"),
             (self.grad_accum >= 1, "grad_accum", ">= 1"),
             (_finite(self.lr, 0, low_open=True), "lr", "a finite number > 0"),
@@ -182,6 +194,8 @@ class TrainerConfig:
 class LanguageModelingConfig(TrainerConfig):
     """+ next-token training on token sequences, with DeepSeek-V3's MTP loss weight schedule."""
 
+    model_fields_owned: ClassVar[dict[str, str]] = {**TrainerConfig.model_fields_owned,
+                                                    "mtp_loss_weight": "mtp_lambda"}
     data: str = ""
     seq_len: int = 256
     batch_size: int = 8  # sequences per micro-batch
