@@ -91,8 +91,9 @@ def test_v3_cost_table(capsys):
     assert cost.dollars(2664e3, cost.usd_per_gpu_hour("H800")) == pytest.approx(5.328e6)
 
 
-def test_seed001_mfu():
-    """6 x 37B active x 14.8T tokens over 2,664K H800-hours at 2000 TFLOPS FP8 x 112/132 SMs = 20.2%."""
+def test_v3_report_fp8_mfu():
+    """6 x 37B active x 14.8T tokens over 2,664K H800-hours (DeepSeek-V3 report) at 2000 TFLOPS FP8 x
+    112/132 SMs (20 SMs reserved for communication) = 20.2%."""
     flops_per_token, tokens, hours = 6 * 37e9, 14.8e12, 2664e3
     fp8_peak = 2000e12 * 112 / 132
     assert cost.mfu_from_gpu_hours(tokens, flops_per_token, hours, fp8_peak) == pytest.approx(0.202, abs=5e-4)
@@ -299,7 +300,7 @@ def test_peak_flops_for_device_precisions():
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def test_compare_prints_the_seed_table(capsys):
+def test_compare_prints_the_published_comparison_table(capsys):
     assert main(["cost", "--compare", "deepseek-v3", "qwen2.5-72b", "llama-3.1-405b"]) == 0
     out = capsys.readouterr().out
     for text in ("61 / 7168", "80 / 8192", "126 / 16384", "MLA, 128 heads", "GQA 64 q / 8 kv, d 128",
