@@ -20,7 +20,7 @@ from nanoseek.errors import UserError
 from nanoseek.r1.configs import DistillConfig
 from nanoseek.r1.sft import run_sft
 from nanoseek.train.config import load_train_config
-from nanoseek.train.core import Trainer
+from nanoseek.train.core import Trainer, print_summary
 
 
 def teacher_dir_from_traces(path: str | Path) -> str:
@@ -93,8 +93,5 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"tokenizer={args.tokenizer}")
     cfg = load_train_config(DistillConfig, args.config, overrides + list(args.overrides))
     trainer = run_distill(cfg, resume=args.resume)
-    last = trainer.history[-1] if trainer.history else {}
-    summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "val_loss") if k in last)
-    print(f"done: step {trainer.step}; {summary}")
-    print(f"student: {trainer.out_dir / 'model'}")
+    print_summary(trainer, ("loss", "val_loss"), label="student")
     return 0

@@ -44,7 +44,7 @@ from nanoseek.r1.grpo_report import greedy_eval, write_samples
 from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.sft import config_from_args
 from nanoseek.data.tokenizer import load_tokenizer
-from nanoseek.train.core import Trainer, seed_everything
+from nanoseek.train.core import Trainer, print_summary, seed_everything
 from nanoseek.train.pretrain import build_model, train_flops_per_token
 
 
@@ -106,10 +106,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(GRPOConfig, args, [f"task={args.task}"] if args.task else [])
     trainer = run_grpo(cfg, resume=args.resume)
-    last = trainer.history[-1] if trainer.history else {}
-    summary = ", ".join(f"{k}={last[k]:.4g}" for k in
-                        ("reward", "accuracy", "test_accuracy", "response_length", "kl")
-                        if isinstance(last.get(k), (int, float)))
-    print(f"done: step {trainer.step}; {summary}")
-    print(f"model: {trainer.out_dir / 'model'}")
+    print_summary(trainer, ("reward", "accuracy", "test_accuracy", "response_length", "kl"))
     return 0

@@ -39,7 +39,7 @@ from nanoseek.r1.configs import SFTConfig
 from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.tasks import Problem
 from nanoseek.train.config import load_train_config
-from nanoseek.train.core import Trainer, seed_everything
+from nanoseek.train.core import Trainer, print_summary, seed_everything
 
 # ================================================================== examples
 
@@ -335,9 +335,5 @@ def config_from_args(cls, args: argparse.Namespace, extra: list[str] | None = No
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(SFTConfig, args)
     trainer = run_sft(cfg, resume=args.resume)
-    last = trainer.history[-1] if trainer.history else {}
-    summary = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s")
-                        if k in last)
-    print(f"done: step {trainer.step}; {summary}")
-    print(f"model: {trainer.out_dir / 'model'}")
+    print_summary(trainer, ("loss", "val_loss", "tokens_per_s"))
     return 0
