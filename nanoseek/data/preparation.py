@@ -88,10 +88,7 @@ def prepare(
             if i % 1000 == 0:
                 bar.set_postfix(tokens=writers["train"].num_tokens + writers["val"].num_tokens)
         splits = {s: w.finish() for s, w in writers.items()}
-    except OSError as e:  # a full disk, most likely: one line, and no partial shard left behind
-        _abort(writers, created)
-        raise WriteError(f"could not write token shards to {out} ({e.strerror or e})") from None
-    except BaseException:
+    except BaseException:  # a full disk (WriteError), bad input, Ctrl-C: no partial file left behind
         _abort(writers, created)
         raise
     finally:
@@ -113,7 +110,11 @@ def prepare(
         "sources": [str(p) for p in paths],
         "splits": splits,
     }
-    _commit(out, tok, writers, manifest, owned)
+    try:
+        _commit(out, tok, writers, manifest, owned)
+    except BaseException:
+        _abort(writers, created)
+        raise
     return manifest
 
 
@@ -170,10 +171,4 @@ def _commit(out: Path, tok: Tokenizer, writers: dict, manifest: dict, owned: set
         (out / PENDING).unlink(missing_ok=True)
         fsync_dir(out)
     except OSError as e:
-        for w in writers.values():
-            w.abort()
         raise WriteError(f"could not finish writing {out} ({e.strerror or e})") from None
-    except WriteError:
-        for w in writers.values():
-            w.abort()
-        raise

@@ -1,5 +1,6 @@
 """Writing token shards: `{split}_{i:06d}.bin` files of raw little-endian ids, hashed as they are
-written, under hidden `.partial` names until `commit()` moves them into place."""
+written, under hidden `.partial` names until `commit()` moves them into place. A write the disk
+refuses is a `WriteError` (one line); `abort()` then removes every partial file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from nanoseek.files import WriteError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -51,6 +54,19 @@ class ShardWriter:
         self._hash = None
 
     def write_doc(self, ids: np.ndarray) -> None:
+        """Append one document's ids; WriteError (one line) if the disk refuses them."""
+        with self._reporting():
+            self._write_doc(ids)
+
+    @contextlib.contextmanager
+    def _reporting(self):
+        try:
+            yield
+        except OSError as e:  # ENOSPC, most likely
+            shard = self.shards[-1]["file"] if self.shards else self.split
+            raise WriteError(f"could not write {self.out / shard} ({e.strerror or e})") from None
+
+    def _write_doc(self, ids: np.ndarray) -> None:
         self.num_docs += 1
         while len(ids):
             if self._file is None:
@@ -83,7 +99,8 @@ class ShardWriter:
 
     def finish(self) -> dict:
         """Flush the last shard; return this split's manifest entry (shards still under temp names)."""
-        self._close()
+        with self._reporting():
+            self._close()
         return {"num_tokens": self.num_tokens, "num_docs": self.num_docs, "shards": self.shards}
 
     def commit(self) -> None:
