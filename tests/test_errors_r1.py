@@ -53,6 +53,7 @@ CASES = [
      ["is a file, not a directory"], []),
     (GRPO + ["temperature=-1"], ["`temperature` = -1.0"], []),
     (GRPO + ["temperature=nan"], ["`temperature` = nan"], []),
+    (GRPO + ["rollout_batch_size=0"], ["`rollout_batch_size` = 0"], []),
     (GRPO, ["tokenizer.json", "MODEL"], ["SFT"]),
     (["grpo", "--model", "FILE", "--task", "arithmetic"], ["FILE"], ["does not exist"]),
     (["sft", "--model", "FILE", "--data", "MISSING"], ["FILE"], ["does not exist"]),

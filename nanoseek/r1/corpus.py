@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+from nanoseek.data.synthetic import synthetic_corpus
 from nanoseek.r1.tasks import Problem, Task
 
 
@@ -35,8 +36,6 @@ def task_documents(task: Task, n_docs: int, seed: int) -> list[str]:
 
 def clean_corpus(n_docs: int, task: Task, seed: int) -> list[str]:
     """The built-in synthetic corpus without any document that states a test problem's result."""
-    from nanoseek.data import synthetic_corpus
-
     banned = {p.prompt_text.removeprefix("What is ").rstrip("?") + " =" for p in task.test}
     return [d for d in synthetic_corpus(n_docs, seed=seed) if not any(b in d for b in banned)]
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from nanoseek.config import PRESETS
+from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import UserError
 from nanoseek.r1.configs import DistillConfig
 from nanoseek.r1.sft import run_sft
@@ -38,10 +41,6 @@ def teacher_dir_from_traces(path: str | Path) -> str:
 def student_config(cfg: DistillConfig) -> DistillConfig:
     """Resolve the student: a directory is fine-tuned from its weights; a preset or config.json
     starts from scratch with vocab_size = the tokenizer's (unless set explicitly)."""
-    from dataclasses import replace
-
-    from nanoseek.config import PRESETS
-
     spec = cfg.model
     if Path(spec).is_dir():
         return replace(cfg, init_from=spec)
@@ -55,8 +54,6 @@ def student_config(cfg: DistillConfig) -> DistillConfig:
                         "the teacher)")
     overrides = dict(cfg.model_overrides)
     if "vocab_size" not in overrides:
-        from nanoseek.data.tokenizer import load_tokenizer
-
         overrides["vocab_size"] = load_tokenizer(tokenizer).vocab_size
     return replace(cfg, tokenizer=tokenizer, init_from="", model_overrides=overrides)
 

@@ -35,6 +35,7 @@ import argparse
 import copy
 import dataclasses
 
+from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import UserError
 from nanoseek.hf import model_directory, tokenizer_files
 from nanoseek.r1.configs import GRPOConfig
@@ -43,7 +44,6 @@ from nanoseek.r1.grpo_objective import grpo_loss_fn
 from nanoseek.r1.grpo_report import greedy_eval, write_samples
 from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.sft import config_from_args
-from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.train.core import Trainer, print_summary, seed_everything
 from nanoseek.train.pretrain import build_model, train_flops_per_token
 

@@ -1,4 +1,5 @@
-"""GRPO's math, separate from rollouts and training so it can be checked by hand (REFERENCE §6).
+"""GRPO's math, separate from rollouts and training so it can be checked by hand (DeepSeekMath §4.1;
+formulas in docs/design.md).
 
 For a prompt q the policy samples a group of G completions o_1..o_G with rewards r_i. Every token of
 o_i gets the advantage A_i = (r_i - mean(r)) / std(r) (Dr. GRPO: no division by std). The objective,

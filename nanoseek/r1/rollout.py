@@ -24,6 +24,7 @@ import torch
 
 from nanoseek.data.tokenizer import THINK
 from nanoseek.errors import UserError
+from nanoseek.inference import SamplingParams, generate
 from nanoseek.r1.eval_metrics import Sample
 from nanoseek.r1.rewards import RewardConfig, compute_rewards, parse_completion
 from nanoseek.r1.tasks import (
@@ -129,8 +130,6 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tok
     `seed + i`, so a run is reproducible whatever the batching. The model is put in eval mode for
     the call (no expert-load accounting) and restored afterwards. `progress` names a progress bar
     (None: no bar)."""
-    from nanoseek.inference import SamplingParams, generate
-
     if not prompts:
         return []
     limit = model.config.max_position_embeddings

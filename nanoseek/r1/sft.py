@@ -32,14 +32,15 @@ import torch
 
 from nanoseek.data.jsonl import read_jsonl_objects
 from nanoseek.data.shuffle import EpochOrder
-from nanoseek.data.tokenizer import ROLES
-from nanoseek.errors import UserError
+from nanoseek.data.tokenizer import ROLES, load_tokenizer
+from nanoseek.errors import UserError, warn
 from nanoseek.hf import model_directory, tokenizer_files
 from nanoseek.r1.configs import SFTConfig
 from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.tasks import Problem
 from nanoseek.train.config import load_train_config
 from nanoseek.train.core import Trainer, print_summary, seed_everything
+from nanoseek.train.pretrain import build_model, train_flops_per_token
 
 # ================================================================== examples
 
@@ -126,7 +127,7 @@ def check_lengths(examples: list[Example], seq_len: int, too_long: str) -> list[
                         f"{seq_len} ({len(long)} such example(s)); raise seq_len (up to the "
                         f"model's context) or set too_long=skip")
     if long:
-        print(f"sft: skipping {len(long)} example(s) longer than seq_len={seq_len}")
+        warn(f"sft: skipping {len(long)} example(s) longer than seq_len={seq_len}")
     kept = [e for e in examples if len(e.ids) <= seq_len]
     if not kept:
         raise UserError(f"no example fits seq_len={seq_len}")
@@ -276,9 +277,6 @@ def sft_data(cfg: SFTConfig, tokenizer, n_mtp: int) -> tuple[list[Packed], list[
 def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
     """Fine-tune `cfg.init_from` (or a fresh `cfg.model`) on `cfg.data` with the shared core;
     returns the Trainer (history, out_dir/model = the exported result)."""
-    from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.train.pretrain import build_model, train_flops_per_token
-
     if not cfg.data:
         raise UserError("SFT needs data=FILE.jsonl (or --data)")
     if cfg.init_from:
