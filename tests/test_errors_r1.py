@@ -22,12 +22,29 @@ def bare_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def full_model(tmp_path_factory, bare_model):
+    """The same model directory with a tokenizer."""
+    import shutil
+
+    from nanoseek.data import synthetic_corpus, write_corpus
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("full")
+    corpus = write_corpus(synthetic_corpus(50, seed=0), root / "c.jsonl")
+    shutil.copytree(bare_model, root / "model")
+    train_tokenizer([corpus], 300, root / "model", progress=False)
+    return root / "model"
+
+
 @pytest.fixture
-def paths(tmp_path, bare_model):
+def paths(tmp_path, bare_model, full_model):
     (tmp_path / "a_dir").mkdir()
+    (tmp_path / "dir.jsonl").mkdir()
     (tmp_path / "a_file").write_text("not a model\n")
-    return {"MODEL": str(bare_model), "DIR": str(tmp_path / "a_dir"),
-            "FILE": str(tmp_path / "a_file"), "MISSING": str(tmp_path / "missing.jsonl")}
+    return {"MODEL": str(bare_model), "FULL": str(full_model), "DIR.jsonl": str(tmp_path / "dir.jsonl"),
+            "DIR": str(tmp_path / "a_dir"), "FILE": str(tmp_path / "a_file"),
+            "MISSING": str(tmp_path / "missing.jsonl")}
 
 
 EVAL = ["eval", "--model", "MODEL", "--task", "arithmetic"]
@@ -41,6 +58,9 @@ CASES = [
     (EVAL + ["--temperature", "-1"], ["`--temperature` = -1.0", ">= 0"], []),
     (EVAL + ["--temperature", "nan"], ["`--temperature` = nan", "finite"], []),
     (EVAL + ["--top-p", "0"], ["`--top-p`", "(0, 1]"], []),
+    (EVAL + ["--verifier-timeout", "nan"], ["`--verifier-timeout` = nan"], []),
+    (EVAL + ["--n-test", "-1"], ["`--n-test` = -1"], []),
+    (["eval", "--model", "FULL", "--task", "DIR.jsonl"], ["DIR.jsonl", "not a regular file"], []),
     (EVAL + ["--samples-out", "DIR"], ["--samples-out", "is a directory"], []),
     (["eval", "--model", "FILE", "--task", "arithmetic"], ["is a file, not a model directory"],
      ["does not exist"]),
@@ -58,6 +78,9 @@ CASES = [
     (["grpo", "--model", "FILE", "--task", "arithmetic"], ["FILE"], ["does not exist"]),
     (["sft", "--model", "FILE", "--data", "MISSING"], ["FILE"], ["does not exist"]),
     (["sft", "--model", "DIR/nope", "--data", "MISSING"], ["model directory"], []),
+    (["grpo", "--model", "FULL", "--task", "DIR.jsonl"], ["DIR.jsonl", "not a regular file"], []),
+    (["sft", "--model", "FULL", "--data", "MISSING"], ["MISSING", "no such file"], []),
+    (["sft", "--model", "FULL", "--data", "DIR"], ["DIR", "not a regular file"], []),
     (["distill", "--teacher-traces", "MISSING"], ["MISSING", "no such file"], ["--tokenizer"]),
     (["distill", "--teacher-traces", "DIR"], ["DIR", "not a file"], ["--tokenizer"]),
     (["distill", "--teacher-traces", "MISSING", "batch_size=0"], ["`batch_size` = 0"], []),

@@ -259,10 +259,9 @@ def val_loss(model, seqs: list[Packed], batch_size: int, pad_id: int) -> float:
 # ================================================================== running
 
 
-def sft_data(cfg: SFTConfig, tokenizer, n_mtp: int) -> tuple[list[Packed], list[Packed]]:
-    """(train, val) packed sequences: load, length-check, seeded shuffle, split, pack."""
-    examples = load_sft_examples(cfg.data, tokenizer, cfg.template)
-    examples = check_lengths(examples, cfg.seq_len, cfg.too_long)
+def sft_data(cfg: SFTConfig, examples: list[Example], n_mtp: int) -> tuple[list[Packed], list[Packed]]:
+    """(train, val) packed sequences of length-checked examples: seeded shuffle, split, pack."""
+    examples = list(examples)
     random.Random(f"sft-split:{cfg.seed}").shuffle(examples)
     n_val = int(len(examples) * cfg.val_fraction)
     if n_val == 0 and cfg.val_fraction > 0 and len(examples) > 1:
@@ -284,8 +283,11 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
     seed_everything(cfg.seed)
     tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
+    # the data is read and checked before the model is built: a bad line fails in a second
+    examples = check_lengths(load_sft_examples(cfg.data, tokenizer, cfg.template), cfg.seq_len,
+                             cfg.too_long)
     model = build_model(cfg, tokenizer.vocab_size, cfg.seq_len)
-    train, val = sft_data(cfg, tokenizer, len(model.mtp))
+    train, val = sft_data(cfg, examples, len(model.mtp))
     source = SFTSource(train, cfg.batch_size, cfg.seed, tokenizer.pad_id)
     if cfg.epochs:
         steps = -(-cfg.epochs * source.batches_per_epoch // cfg.grad_accum)
