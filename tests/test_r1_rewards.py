@@ -224,6 +224,17 @@ def test_verifier_exceptions_and_bad_returns_score_zero_and_are_counted():
         assert task.stats.as_dict() == {"calls": 1, "errors": 1, "timeouts": 0}
 
 
+def test_first_verifier_failure_is_one_warning_line(capsys):
+    def broken(a, p):
+        raise ValueError("bad\nverifier")
+
+    task = Task("t", [ARITH], [], broken)
+    for _ in range(3):
+        assert compute_rewards(done("6"), ARITH, task)["accuracy"] == 0.0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["nanoseek: warning: verifier raised (1 so far; reward 0): ValueError: bad verifier"]
+
+
 def test_float_verifier_is_clamped_and_partial_credit_is_not_correct():
     task = Task("t", [ARITH], [], lambda a, p: 0.5)
     assert task.score("6", ARITH) == 0.5 and not task.verify("6", ARITH)

@@ -8,8 +8,8 @@ finish reasons) that adds what the R1 loops need: chunking into batches with a p
 that do not depend on the chunking, eval mode for the call, and a context-length check.
 
 Log-probabilities follow `nanoseek.inference.sampling`: `log_softmax(logits / temperature)` of the
-chosen token under the *unfiltered* distribution, the same quantity `policy_logprobs` recomputes for
-GRPO's ratio.
+chosen token under the *unfiltered* distribution, the same quantity `grpo_loss.sequence_logprobs`
+recomputes for GRPO's ratio.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from nanoseek.r1.tasks import (
 from nanoseek.r1.verify import VerifierTimeout, run_with_timeout, to_score
 
 
-# ================================================================== model + tokenizer
+# ================================================================== tokenizer
 
 
 def tokenizer_dir_for(cfg) -> Path:

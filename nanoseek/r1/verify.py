@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable
 
+from nanoseek.errors import warn
+
 logger = logging.getLogger(__name__)
 
 
@@ -338,7 +340,7 @@ def guarded_score(verifier: Callable[[str, Any], Any], answer: str, problem: Any
                   timeout_s: float = 1.0, stats: VerifierStats | None = None) -> float:
     """Score in [0, 1] from `verifier(answer, problem)`; 0.0 if it raises, times out or returns
     something that is not a bool/number. Failures are counted in `stats` and logged (the first of
-    each kind at WARNING, the rest at DEBUG) so they are visible without flooding the log."""
+    each kind as a warning line, the rest at DEBUG) so they are visible without flooding the log."""
     stats = stats if stats is not None else VerifierStats()
     try:
         score = to_score(run_with_timeout(verifier, answer, problem, timeout_s=timeout_s))
@@ -355,6 +357,9 @@ def guarded_score(verifier: Callable[[str, Any], Any], answer: str, problem: Any
 
 
 def _log_failure(count: int, what: str, error: BaseException) -> None:
-    level = logging.WARNING if count == 1 else logging.DEBUG
-    logger.log(level, "verifier %s (%d so far; reward 0): %s: %s", what, count,
-               type(error).__name__, error)
+    detail = " ".join(str(error).split())  # one line, whatever the verifier raised
+    message = f"verifier {what} ({count} so far; reward 0): {type(error).__name__}: {detail}"
+    if count == 1:  # the user sees the first of each kind; the rest go to the debug log
+        warn(message)
+    else:
+        logger.debug(message)
