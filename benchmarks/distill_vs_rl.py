@@ -52,9 +52,9 @@ def pretrain_student(out: Path, p: dict, data: Path, student: dict, seed: int) -
 def distill(out: Path, p: dict, z, task, teacher: Path, student_base: Path, k: int,
             epochs: int, seed: int) -> tuple[Path, dict]:
     """Rejection-sample the teacher on the train split, then SFT the student base on the traces."""
+    from nanoseek.hf import load_model_and_tokenizer
     from nanoseek.r1.configs import DistillConfig
     from nanoseek.r1.distill import run_distill
-    from nanoseek.hf import load_model_and_tokenizer
     from nanoseek.r1.sample import sample_traces, write_jsonl
 
     t0 = time.process_time()

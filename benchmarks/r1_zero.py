@@ -224,12 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NANOSEEK_NO_PROGRESS", "1")
-    from nanoseek.r1.rollout import build_task
-    from nanoseek.train.config import coerce_setting
     import typing
 
     from nanoseek.r1.configs import GRPOConfig
     from nanoseek.r1.grpo import run_grpo
+    from nanoseek.r1.rollout import build_task
+    from nanoseek.train.config import coerce_setting
 
     p = dict(QUICK if args.quick else FULL)
     if args.minutes:
