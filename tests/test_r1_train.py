@@ -431,6 +431,24 @@ def test_eval_cli_json(model_dir, capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_sample_and_eval_cli_write_their_files(model_dir, tmp_path, scripted, capsys):
+    from nanoseek.cli import main
+
+    out = tmp_path / "new" / "traces.jsonl"
+    assert main(["sample", "--model", str(model_dir), "--task", "arithmetic", "-k", "2",
+                 "--limit", "3", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["model"] == str(model_dir) for r in rows)
+    assert json.loads((tmp_path / "new" / "traces.metrics.jsonl").read_text())["kept"] == 3
+    assert main(["eval", "--model", str(model_dir), "--task", "arithmetic", "--n-test", "2",
+                 "-k", "2", "--json", "--metrics-out", "", "--samples-out",
+                 str(tmp_path / "s.jsonl")]) == 0
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert kinds == ["greedy"] * 2 + ["sample"] * 4
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new", "s.jsonl", "traces.jsonl",
+                                                           "traces.metrics.jsonl"]
+
+
 # ================================================================== experiment scripts
 
 
