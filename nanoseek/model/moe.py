@@ -81,8 +81,8 @@ class GroupedExperts(nn.Module):
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Routed expert e on rows x [n, D]: down(silu(gate(x)) * up(x))."""
-        gate, up = F.linear(x, self.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def per_expert(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """sum_k w_k E_{idx_k}(x) for x [N, D], computing only the experts that received tokens."""

@@ -146,6 +146,8 @@ class DeepseekV3ForCausalLM(nn.Module):
           positions come from the cache; labels are not accepted.
         logits_to_keep: compute logits for the last n positions only (0 = all), as generation needs.
         """
+        if labels is not None and logits_to_keep:
+            raise ValueError("the loss needs the logits of every position: logits_to_keep must be 0 with labels")
         if cache is not None:
             if labels is not None or position_ids is not None:
                 raise ValueError("with a cache, positions come from the cache and no loss is computed")
