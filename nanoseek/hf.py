@@ -33,8 +33,9 @@ from nanoseek.model.state_dict_adapter import (CheckpointError, dequantize_check
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = ("float32", "bfloat16", "float16")
 
-__all__ = ["CheckpointError", "read_tensors", "load_state", "from_pretrained", "save_pretrained", "cast_model",
-           "tokenizer_files", "load_model_and_tokenizer", "model_directory", "from_checkpoint", "to_checkpoint"]
+__all__ = ["CheckpointError", "model_directory", "read_tensors", "load_state", "load_weights", "from_pretrained",
+           "cast_model", "torch_dtype", "tokenizer_files", "special_token_ids", "load_model_and_tokenizer",
+           "save_pretrained"]
 
 
 # ---------------------------------------------------------------------------------------------- reading

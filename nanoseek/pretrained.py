@@ -44,7 +44,9 @@ class DeepseekV3ForCausalLM(transformer.DeepseekV3ForCausalLM):
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
-    """Load a HF/DeepSeek-format model directory (config.json + safetensors, BF16 or FP8)."""
+    """Load a HF/DeepSeek-format model directory (config.json + safetensors, BF16 or FP8). A directory
+    without MTP weights (saved by transformers or TRL, which drop them) loads with MTP off and one
+    warning line: it generates normally but cannot draft speculatively."""
     return DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
 
 
