@@ -227,7 +227,8 @@ class Trainer:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "val_loss", "reward", "lr", "tokens_per_s")
                                  if k in metrics})
                 bar.update(1)
-                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                # no periodic checkpoint inside a streak of skipped steps: the newest stays the last good one
+                if last or (cfg.save_every and self.step % cfg.save_every == 0 and self.bad_steps == 0):
                     self.save(source, extra_state)
         finally:
             bar.close()
