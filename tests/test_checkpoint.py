@@ -169,3 +169,15 @@ def test_divergence_skip_mode_finishes_with_finite_weights(data_dir, tmp_path, c
     assert trainer.step == 16 and any(r["skipped"] == 1 for r in rows)
     assert _all_finite(out / "model")
     assert "non-finite loss or gradients, update skipped" in capsys.readouterr().err
+
+
+def test_tampered_trainer_state_values_are_one_error(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_pretraining(config(data_dir, out, max_steps=3))
+    ckpt = list_checkpoints(out / "checkpoints")[-1]
+    doc = json.loads((ckpt / STATE_JSON).read_text())
+    doc["state"]["rng"]["python"] = "not a state"
+    (ckpt / STATE_JSON).write_text(json.dumps(doc))
+    rewrite_checksums(ckpt)
+    with pytest.raises(UserError, match="its trainer state does not fit this run"):
+        run_pretraining(config(data_dir, out, max_steps=6), resume=True)

@@ -136,7 +136,7 @@ def test_resume_truncates_the_metrics_log(data_dir, tmp_path):
 
 def test_resume_without_checkpoint_says_so(data_dir, tmp_path, capsys):
     run_pretraining(config(data_dir, tmp_path / "new", max_steps=2), resume=True)
-    assert "no checkpoint to resume in" in capsys.readouterr().out
+    assert "nanoseek: warning: no checkpoint to resume in" in capsys.readouterr().err
 
 
 def test_refused_run_changes_nothing(data_dir, tmp_path):

@@ -251,18 +251,24 @@ class Trainer:
             if found:
                 raise UserError(f"--resume: none of the {len(found)} checkpoints in {self.ckpt_dir} is valid "
                                 "(see the warnings above); move them away to start over")
-            print(f"no checkpoint to resume in {self.ckpt_dir}: starting from step 0")
+            warn(f"no checkpoint to resume in {self.ckpt_dir}: starting from step 0")
             return False
         load_weights(self.model, path)
         state = load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        source.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            source.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            if on_state:
+                on_state(state.get("extra", {}))
+        except UserError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"checkpoint {path}: its trainer state does not fit this run "
+                            f"({type(e).__name__}: {e})") from None
+        if state.get("step") != checkpoint_step(path):
+            raise UserError(f"checkpoint {path}: its trainer state is for step {state.get('step')!r}")
         self.step = state["step"]
-        if self.step != checkpoint_step(path):
-            raise UserError(f"checkpoint {path}: its trainer state is for step {self.step}")
-        if on_state:
-            on_state(state.get("extra", {}))
         print(f"resumed from {path} (step {self.step})")
         return True
 
