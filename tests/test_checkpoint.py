@@ -11,15 +11,13 @@ import torch
 
 from nanoseek.errors import UserError
 from nanoseek.files import file_sha256
-from nanoseek.train.checkpoint import (
-    CHECKSUMS,
+from nanoseek.train.checkpoint import CHECKSUMS, latest_checkpoint, list_checkpoints
+from nanoseek.train.trainer_state import (
     LEGACY_STATE,
     STATE_JSON,
     STATE_TENSORS,
     StateEncoder,
     decode_state,
-    latest_checkpoint,
-    list_checkpoints,
     load_trainer_state,
 )
 from nanoseek.train.metrics_log import read_metrics
@@ -111,10 +109,9 @@ def test_other_format_version_is_one_error(data_dir, tmp_path):
         load_trainer_state(ckpt)
 
 
-@pytest.mark.parametrize("target", ["save_file", "save_pretrained"])
+@pytest.mark.parametrize("target", ["nanoseek.train.trainer_state.save_file", "nanoseek.train.checkpoint.save_pretrained"])
 def test_full_disk_runtime_error_during_checkpoint(data_dir, tmp_path, monkeypatch, target):
     """torch / safetensors report ENOSPC as RuntimeError: still one clear error, nothing partial left."""
-    import nanoseek.train.checkpoint as ckpt
 
     out = tmp_path / "run"
     run_pretraining(config(data_dir, out, max_steps=3))
@@ -124,7 +121,7 @@ def test_full_disk_runtime_error_during_checkpoint(data_dir, tmp_path, monkeypat
     def disk_full(*args, **kwargs):
         raise RuntimeError("No space left on device (os error 28)")
 
-    monkeypatch.setattr(ckpt, target, disk_full)
+    monkeypatch.setattr(target, disk_full)
     with pytest.raises(UserError, match="could not write checkpoint step_00000006 .*No space left.*intact"):
         run_pretraining(config(data_dir, out, max_steps=6), resume=True)
     assert [p.name for p in (out / "checkpoints").iterdir()] == [good.name]  # no .step_*.tmp left

@@ -35,7 +35,6 @@ from nanoseek.train.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
-    load_trainer_state,
     require_finite,
     save_checkpoint,
 )
@@ -43,6 +42,7 @@ from nanoseek.train.config import TrainerConfig
 from nanoseek.train.metrics_log import MetricsLogger
 from nanoseek.train.mfu import peak_flops
 from nanoseek.train.schedule import lr_at, piecewise
+from nanoseek.train.trainer_state import load_trainer_state
 
 HISTORY_ROWS = 1000  # Trainer.history keeps the newest rows only; metrics.jsonl has them all
 
