@@ -317,3 +317,25 @@ def test_eval_result_summary_and_rendering():
     assert only_greedy.pass_at_1 is None and "| pass@1 (avg of 0) | - |" in only_greedy.to_markdown()
     with pytest.raises(UserError):
         EvalResult.from_samples("t", [[s[0][0]], s[1]])
+
+
+def test_first_math_verify_call_of_a_fresh_process_grades_correctly(tmp_path):
+    """The cold import of math_verify + sympy (~0.3 s idle, > 1 s on a busy machine) happens when the
+    task is built, not inside the first graded call's time limit: with a 0.1 s limit a correct answer
+    in a new process is graded correct and nothing times out."""
+    import subprocess
+
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"prompt": "half?", "answer": "0.5"}) + "\n"
+                    + json.dumps({"prompt": "two?", "answer": "2"}) + "\n")
+    code = (
+        "import sys\n"
+        "from nanoseek.r1.tasks import get_task\n"
+        "assert 'sympy' not in sys.modules\n"
+        f"task = get_task({str(data)!r}, n_test=1, timeout_s=0.1)\n"
+        "half = next(p for p in task.train + task.test if p.answer == '0.5')\n"
+        "print(task.verify('\\\\frac{1}{2}', half), task.verify('1/3', half), task.stats.timeouts)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "0"], out.stdout + out.stderr

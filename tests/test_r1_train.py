@@ -324,8 +324,8 @@ def fake_groups(task, tok, rewards_by_group):
         group = []
         for ok in pattern:
             text = f"x</think><answer>{problem.answer}</answer>" if ok else "no idea"
-            c = SampledTokens(tok.encode(text) + [tok.eos_id], [-1.0] * 40,
-                           "stop" if ok else "length")
+            ids = tok.encode(text) + [tok.eos_id]
+            c = SampledTokens(ids, [-1.0] * len(ids), "stop" if ok else "length")
             group.append(score_completion(task, problem, prompt, text, c))
         groups.append(group)
     return groups

@@ -41,6 +41,9 @@ class Router(nn.Module):
         # Kept in fp32 whatever the model dtype: routing decisions are sensitive to rounding.
         self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # Optional idx -> idx callable run on every routing decision: records it or replays given experts
+        # (GRPO's training-inference consistency checks and routing replay, nanoseek.r1.consistency).
+        self.route_hook = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -54,6 +57,8 @@ class Router(nn.Module):
         grouped = cfg.topk_method != "greedy"
         idx = route(scores, self.e_score_correction_bias.float() if use_bias else None, self.top_k,
                     cfg.n_group if grouped else 1, cfg.topk_group, group_by_top2=use_bias)
+        if self.route_hook is not None:
+            idx = self.route_hook(idx)
         weights = scores.gather(1, idx)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -81,6 +81,7 @@ class GRPOConfig(TrainerConfig):
     dynamic_sampling: bool = False  # drop groups with all-equal rewards (always on for dapo)
     max_resample: int = 3  # extra sampling rounds to refill dropped groups
     mask_truncated: bool = False  # completions cut at max_new_tokens get no loss
+    replay_routing: bool = False  # MoE: the training forward uses the experts the rollout chose
     # optimizer defaults suited to RL on a pretrained policy
     lr: float = 1e-4
     warmup_steps: int = 0

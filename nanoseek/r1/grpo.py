@@ -22,11 +22,13 @@ The reference model (for the k3 KL term) is a frozen copy of the starting weight
 beta > 0; its log-probs are computed once per rollout batch. beta = 0 skips it entirely.
 
 Logged every step: reward (mean) / reward_std, accuracy, format, response_length, truncated,
-pg_loss and kl separately (with mu = 1 and zero-mean advantages the total loss is ~0 by
+zero_var_groups, the training-inference consistency (logp_gap_mean / logp_gap_max, routing_mismatch;
+see consistency.py; `replay_routing=true` replays the rollout's MoE routing), pg_loss and kl separately (with mu = 1 and zero-mean advantages the total loss is ~0 by
 construction; pg_loss's gradient is not), clip_frac, entropy, groups_kept (dynamic sampling),
 gen_tokens_per_s, tokens_per_s; every `sample_every` steps a table of sample completions with their
 rewards (printed, and appended to samples.jsonl); every `eval_every` steps greedy accuracy on the
-held-out test split.
+held-out test split. At the end, `diagnostics.diagnose` gives a one-line verdict per silent failure
+(printed, and written to out_dir/diagnostics.json).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ import dataclasses
 
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import UserError
+from nanoseek.files import write_json
 from nanoseek.hf import model_directory, tokenizer_files
 from nanoseek.r1.configs import GRPOConfig
+from nanoseek.r1.diagnostics import as_json, diagnose, print_diagnostics
 from nanoseek.r1.grpo_batches import RolloutSource
 from nanoseek.r1.grpo_objective import grpo_loss_fn
 from nanoseek.r1.grpo_report import greedy_eval, write_samples
@@ -89,6 +93,10 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
 
     trainer.fit(source, grpo_loss_fn(cfg), evaluate=evaluate if cfg.eval_every else None,
                 sample=sample, resume=resume, sample_every=cfg.sample_every)
+    # silent failures (truncation, zero-variance groups, flat reward, KL, train/inference mismatch)
+    trainer.diagnostics = diagnose(trainer.history, cfg.beta)
+    write_json(trainer.out_dir / "diagnostics.json", as_json(trainer.diagnostics))
+    print_diagnostics(trainer.diagnostics)
     return trainer
 
 

@@ -18,6 +18,7 @@ import torch
 from nanoseek.data.shuffle import EpochOrder
 from nanoseek.errors import UserError
 from nanoseek.r1.configs import GRPOConfig
+from nanoseek.r1.consistency import RouteCheck, batch_routes
 from nanoseek.r1.grpo_loss import group_advantages, informative_groups, sequence_logprobs, token_weights
 from nanoseek.r1.rollout import Scored, Stopwatch, encode_prompt, rollout
 from nanoseek.r1.tasks import Task
@@ -37,19 +38,33 @@ class RolloutBatch:
     ref_logp: torch.Tensor | None
     stats: dict[str, float]
     samples: list[dict]  # decoded completions for the sample table
+    # training-inference consistency (nanoseek.r1.consistency): the sampler's log-probs, which
+    # tokens it sampled, and the MoE routing of the rollout pass ([N, layers, T, K], -1 = none)
+    engine_logp: torch.Tensor | None = None
+    sampled: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
 
-    def micro(self, index: int, parts: int) -> dict:
+    def micro(self, index: int, parts: int, measure: bool = False) -> dict:
+        """Micro-batch `index` of `parts`. `measure`: log the consistency metrics (first inner
+        step only: with mu > 1 later steps differ from the sampler by learning, not by float noise)."""
         rows = torch.tensor_split(torch.arange(self.input_ids.shape[0]), parts)[index]
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
         counted = self.weights > 0
+        measure = measure and self.engine_logp is not None
         return {"input_ids": pick(self.input_ids), "attention_mask": pick(self.attention_mask),
                 "weights": pick(self.weights), "advantages": pick(self.advantages),
                 "old_logp": pick(self.old_logp), "ref_logp": pick(self.ref_logp),
-                "scale": float(parts), "stats": self.stats,
-                "batch_tokens": int(counted.sum()), "batch_seqs": int(counted.any(1).sum())}
+                "scale": float(parts), "index": index, "stats": self.stats,
+                "batch_tokens": int(counted.sum()), "batch_seqs": int(counted.any(1).sum()),
+                "routes": pick(self.routes), "measure": measure,
+                "engine_logp": pick(self.engine_logp) if measure else None,
+                "sampled": pick(self.sampled) if measure else None,
+                "batch_sampled": int(self.sampled.sum()) if measure else 0,
+                "batch_routes": int((self.routes[..., 0] >= 0).sum()) if measure and self.routes is not None
+                else 0}
 
 
 def batch_tensors(groups: list[list[Scored]], prompt_ids: list[list[int]], pad_id: int,
@@ -70,6 +85,18 @@ def batch_tensors(groups: list[list[Scored]], prompt_ids: list[list[int]], pad_i
     return ids, attn, comp
 
 
+def engine_logprobs(completions: list, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's log-probs placed on the right-padded batch ([N, T], token-aligned like
+    `sequence_logprobs`), and the bool mask of the sampled tokens."""
+    logp = torch.zeros(attn.shape)
+    sampled = torch.zeros(attn.shape, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        end = int(attn[i].sum())
+        logp[i, end - len(c.tokens):end] = torch.tensor(c.logprobs)
+        sampled[i, end - len(c.tokens):end] = True
+    return logp, sampled
+
+
 def rollout_stats(groups: list[list[Scored]], seconds: float) -> dict[str, float]:
     """Reward and completion statistics over every sampled completion (before any filtering)."""
     flat = [s for g in groups for s in g]
@@ -83,6 +110,8 @@ def rollout_stats(groups: list[list[Scored]], seconds: float) -> dict[str, float
         "format": sum(s.sample.well_formed for s in flat) / n,
         "response_length": sum(lengths) / n,
         "truncated": sum(s.completion.truncated for s in flat) / n,
+        # groups whose samples all earned the same reward: zero advantage, nothing to learn from
+        "zero_var_groups": sum(len({s.rewards["total"] for s in g}) == 1 for g in groups) / len(groups),
         "gen_tokens_per_s": sum(lengths) / max(seconds, 1e-9),
     }
 
@@ -126,11 +155,12 @@ class RolloutSource:
         if self.batch is None or self.pos >= cfg.mu * cfg.grad_accum:
             self.batch, self.pos = self.new_batch(), 0
         micro_index = self.pos % cfg.grad_accum
+        first_inner_step = self.pos < cfg.grad_accum
         if micro_index == 0:  # the core reads tokens_per_step after the step: count real tokens
             self.trainer.tokens_per_step = int(self.batch.attention_mask.sum())
             self.check_time_limit()
         self.pos += 1
-        return self.batch.micro(micro_index, cfg.grad_accum)
+        return self.batch.micro(micro_index, cfg.grad_accum, measure=first_inner_step)
 
     def check_time_limit(self) -> None:
         """With `time_limit_min`, make the current step the last one once the budget is spent; the
@@ -177,7 +207,8 @@ class RolloutSource:
                        self.next_problems(cfg.prompts_per_step), n=cfg.group_size,
                        template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
-                       reward_cfg=self.reward_cfg, batch_size=cfg.rollout_batch_size)
+                       reward_cfg=self.reward_cfg, batch_size=cfg.rollout_batch_size,
+                       record_routes=True)
 
     def new_batch(self) -> RolloutBatch:
         """Sample, score, (dynamic sampling: keep informative groups, resample to refill), then
@@ -215,30 +246,33 @@ class RolloutSource:
         rewards = torch.tensor([s.rewards["total"] for g in groups for s in g])
         adv = group_advantages(rewards, cfg.group_size, scale_std=cfg.loss != "dr_grpo")
         weights = token_weights(comp, cfg.loss, cfg.max_new_tokens)
-        old = self.old_logprobs(groups, ids, attn, comp) if cfg.mu > 1 else None
+        completions = [s.completion for g in groups for s in g]
+        engine, sampled = engine_logprobs(completions, attn)
+        routes = batch_routes([(len(p), s.completion.routes) for p, g in zip(prompt_ids, groups)
+                               for s in g], ids.shape[1])
+        if cfg.mu > 1:
+            old = (engine.clone() if cfg.old_logprobs == "engine"  # a tensor of its own: checkpoints
+                   else self.logprobs_of(self.trainer.model, ids, attn, routes))
+        else:
+            old = None
         ref = self.logprobs_of(self.ref, ids, attn) if self.ref is not None else None
-        return RolloutBatch(ids, attn, weights, adv, old, ref, stats, samples)
-
-    def old_logprobs(self, groups, ids, attn, comp) -> torch.Tensor:
-        if self.cfg.old_logprobs == "recompute":
-            return self.logprobs_of(self.trainer.model, ids, attn)
-        old = torch.zeros(ids.shape)
-        rows = [s.completion for g in groups for s in g]
-        for i, c in enumerate(rows):
-            start = int(attn[i].sum()) - len(c.tokens)
-            old[i, start:start + len(c.tokens)] = torch.tensor(c.logprobs)
-        return old
+        return RolloutBatch(ids, attn, weights, adv, old, ref, stats, samples, engine, sampled, routes)
 
     @torch.no_grad()
-    def logprobs_of(self, model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def logprobs_of(self, model, ids: torch.Tensor, attn: torch.Tensor,
+                    routes: torch.Tensor | None = None) -> torch.Tensor:
         """Token log-probs under `model` (no grad, eval mode), computed micro-batch by
-        micro-batch with the same split the loss uses, so shapes (and float rounding) match."""
+        micro-batch with the same split the loss uses, so shapes (and float rounding) match.
+        With `replay_routing`, `routes` (the rollout's) replace the model's own routing."""
         was = model.training
         model.eval()
         device = self.trainer.device
         parts = []
         for rows in torch.tensor_split(torch.arange(ids.shape[0]), self.cfg.grad_accum):
-            logits = model(ids[rows].to(device), attention_mask=attn[rows].to(device)).logits
+            replay = RouteCheck(routes[rows] if routes is not None and self.cfg.replay_routing else None,
+                                replay=True)
+            with replay.on(model):
+                logits = model(ids[rows].to(device), attention_mask=attn[rows].to(device)).logits
             parts.append(sequence_logprobs(logits, ids[rows].to(device),
                                            self.cfg.temperature)[0].cpu())
         model.train(was)

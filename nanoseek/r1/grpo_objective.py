@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from nanoseek.r1.configs import GRPOConfig
+from nanoseek.r1.consistency import RouteCheck, logp_gap
 from nanoseek.r1.grpo_loss import policy_loss, sequence_logprobs
 
 
@@ -16,8 +17,13 @@ def grpo_loss_fn(cfg: GRPOConfig):
     pre-scaled to make that average the whole batch's value: sums (loss, pg_loss, kl) times the
     number of micro-batches, means (clip_frac, ratio, entropy) times this micro-batch's share of
     the batch's tokens (gspo: sequences) times that number. A micro-batch with nothing to learn
-    (all truncated and masked) then contributes exactly zero."""
+    (all truncated and masked) then contributes exactly zero.
+
+    Training-inference consistency (first inner step of each rollout batch, see
+    nanoseek.r1.consistency): `logp_gap_mean`, `logp_gap_max` and, for MoE, `routing_mismatch`;
+    the max is carried across the micro-batches and reported by the last one."""
     eps_low, eps_high = cfg.clip_range
+    gap_max = [0.0]  # running max over the micro-batches of the current step
 
     def loss_fn(model, mb: dict):
         device = next(model.parameters()).device
@@ -25,11 +31,19 @@ def grpo_loss_fn(cfg: GRPOConfig):
         weights = mb["weights"].to(device)
         mask = weights > 0
         metrics = dict(mb["stats"])
+        check = RouteCheck(mb["routes"], replay=cfg.replay_routing)
         if not mask.any():  # nothing to learn in this micro-batch
             metrics.update(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0)
+            if mb["measure"]:  # still measured: the diagnostics must see every sampled token
+                with torch.no_grad(), check.on(model):
+                    logits = model(ids, attention_mask=mb["attention_mask"].to(device)).logits
+                metrics.update(consistency(mb, sequence_logprobs(logits, ids, cfg.temperature)[0], check))
             return torch.zeros((), device=device, requires_grad=True), metrics
-        logits = model(ids, attention_mask=mb["attention_mask"].to(device)).logits
+        with check.on(model):
+            logits = model(ids, attention_mask=mb["attention_mask"].to(device)).logits
         logp, entropy = sequence_logprobs(logits, ids, cfg.temperature)
+        if mb["measure"]:
+            metrics.update(consistency(mb, logp, check))
         old = mb["old_logp"].to(device) if mb["old_logp"] is not None else logp.detach()
         ref = mb["ref_logp"].to(device) if mb["ref_logp"] is not None else None
         out = policy_loss(logp, old, mb["advantages"].to(device), weights, variant=cfg.loss,
@@ -43,5 +57,18 @@ def grpo_loss_fn(cfg: GRPOConfig):
                        ratio=out.ratio_mean * share,
                        entropy=entropy[mask].mean().item() * token_share)
         return out.loss * scale, metrics
+
+    def consistency(mb: dict, logp: torch.Tensor, check: RouteCheck) -> dict:
+        total, top, _ = logp_gap(logp, mb["engine_logp"], mb["sampled"])
+        if mb["index"] == 0:
+            gap_max[0] = 0.0
+        gap_max[0] = max(gap_max[0], top)
+        scale = mb["scale"]
+        last = mb["index"] == int(scale) - 1
+        out = {"logp_gap_mean": scale * total / max(mb["batch_sampled"], 1),
+               "logp_gap_max": scale * gap_max[0] if last else 0.0}
+        if mb["batch_routes"]:
+            out["routing_mismatch"] = scale * check.mismatched / mb["batch_routes"]
+        return out
 
     return loss_fn

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,7 @@ import torch
 
 from nanoseek.data.tokenizer import THINK
 from nanoseek.errors import UserError
+from nanoseek.r1.consistency import engine_routes, recording_routes
 from nanoseek.inference import SamplingParams, generate
 from nanoseek.r1.eval_metrics import Sample
 from nanoseek.r1.rewards import RewardConfig, compute_rewards, parse_completion
@@ -115,6 +117,9 @@ class SampledTokens:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str
+    # the experts each MoE layer chose for the prompt and every token but the last, [layers, n, K]
+    # (`record_routes=True`; see nanoseek.r1.consistency)
+    routes: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def truncated(self) -> bool:
@@ -125,11 +130,11 @@ class SampledTokens:
 def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                          eos_id: int, temperature: float = 1.0, top_p: float = 1.0,
                          seed: int | None = None, batch_size: int = 64,
-                         progress: str | None = None) -> list[SampledTokens]:
+                         progress: str | None = None, record_routes: bool = False) -> list[SampledTokens]:
     """Sample one completion per prompt (repeat a prompt G times for a group). Row i uses seed
     `seed + i`, so a run is reproducible whatever the batching. The model is put in eval mode for
     the call (no expert-load accounting) and restored afterwards. `progress` names a progress bar
-    (None: no bar)."""
+    (None: no bar). `record_routes` keeps each completion's MoE routing (`SampledTokens.routes`)."""
     if not prompts:
         return []
     limit = model.config.max_position_embeddings
@@ -148,8 +153,12 @@ def generate_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tok
             chunk = [list(p) for p in prompts[start:start + batch_size]]
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, seed=None if seed is None else seed + start)
-            out += [SampledTokens(list(r.token_ids), list(r.logprobs), r.finish_reason)
-                    for r in generate(model, chunk, params, eos_token_id=eos_id)]
+            with recording_routes(model) if record_routes else nullcontext([]) as calls:
+                results = generate(model, chunk, params, eos_token_id=eos_id)
+            routes = (engine_routes(calls, [len(p) for p in chunk], [len(r.token_ids) for r in results])
+                      if calls else [None] * len(results))
+            out += [SampledTokens(list(r.token_ids), list(r.logprobs), r.finish_reason, routes=rt)
+                    for r, rt in zip(results, routes)]
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -208,7 +217,7 @@ def score_completion(task: Task, problem: Problem, prompt: str, text: str,
 def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int, template: str,
             max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int | None = None,
             reward_cfg: RewardConfig | None = None, batch_size: int = 64,
-            progress: str | None = None) -> list[list[Scored]]:
+            progress: str | None = None, record_routes: bool = False) -> list[list[Scored]]:
     """`n` scored completions for each problem (greedy when temperature is 0: then use n = 1)."""
     prompts = [render_prompt(p, template, tokenizer) for p in problems]
     ids = [encode_prompt(p, template, tokenizer) for p in problems]
@@ -216,7 +225,7 @@ def rollout(model, tokenizer, task: Task, problems: Sequence[Problem], *, n: int
     completions = generate_completions(model, flat, max_new_tokens=max_new_tokens,
                                        eos_id=tokenizer.eos_id, temperature=temperature,
                                        top_p=top_p, seed=seed, batch_size=batch_size,
-                                       progress=progress)
+                                       progress=progress, record_routes=record_routes)
     out = []
     for i, problem in enumerate(problems):
         group = completions[i * n:(i + 1) * n]

@@ -63,6 +63,23 @@ def verify_math(answer: str, problem: Problem) -> bool:
     return bool(verify(gold, target, timeout_seconds=None))
 
 
+_WARM = False
+
+
+def warm_up_math_verify() -> None:
+    """Import math_verify (and sympy, which it loads on first use) and grade one answer, once per
+    process and outside any time limit. A cold import takes ~0.5 s, well over 1 s on a busy machine,
+    so without this the first graded completion of a run can time out and score 0 although correct."""
+    global _WARM
+    if not _WARM:
+        try:
+            verify_math("\\frac{1}{2}", Problem("warm-up", "0.5"))
+        except ImportError as e:
+            raise UserError(f"jsonl tasks grade answers with math_verify, which does not import ({e}): "
+                            "pip install math-verify") from None
+        _WARM = True
+
+
 class _DropTimeoutNotice(logging.Filter):
     """math_verify warns once that its timeouts are off; ours are on, so the notice misleads."""
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from nanoseek.errors import UserError
 from nanoseek.r1.tasks.arithmetic import arithmetic_task
 from nanoseek.r1.tasks.countdown import countdown_task
-from nanoseek.r1.tasks.jsonl_task import jsonl_task
+from nanoseek.r1.tasks.jsonl_task import jsonl_task, verify_math, warm_up_math_verify
 from nanoseek.r1.tasks.problem import Task, Verifier
 
 
@@ -88,4 +88,6 @@ def get_task(name: str, seed: int = 0, n_train: int | None = 1000, n_test: int =
     if timeout_s is None or timeout_s <= 0:
         raise UserError(f"verifier timeout must be > 0 seconds, got {timeout_s}")
     task.timeout_s = float(timeout_s)
+    if task.verifier is verify_math:  # its cold import must not count against the first call's limit
+        warm_up_math_verify()
     return task
