@@ -178,3 +178,14 @@ def test_tampered_trainer_state_values_are_one_error(data_dir, tmp_path):
     rewrite_checksums(ckpt)
     with pytest.raises(UserError, match="its trainer state does not fit this run"):
         run_pretraining(config(data_dir, out, max_steps=6), resume=True)
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    from nanoseek.train.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="refusing to write checkpoint step_00000005: 1 tensors hold NaN or inf"):
+        save_checkpoint(tmp_path / "ckpts", 5, model, {"step": 5})
+    assert not (tmp_path / "ckpts").exists()

@@ -46,7 +46,7 @@ def require_finite(model: torch.nn.Module, what: str) -> None:
     bad = nonfinite_tensors(model)
     if bad:
         raise UserError(f"refusing to write {what}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); "
-                        "the training diverged (lower lr, or nonfinite=skip)")
+                        "the training diverged (lower lr or raise warmup_steps)")
 
 
 def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], extra_files: dict[str, Path] | None = None,
