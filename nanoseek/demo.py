@@ -41,6 +41,13 @@ TASK = dict(task="arithmetic", task_options={"n_operands": 2, "max_value": 99, "
 
 
 # ---------------------------------------------------------------------------------------------- stages
+def interrupted(folder: Path) -> bool:
+    """A training stage that was stopped part-way has checkpoints: it resumes from them."""
+    from nanoseek.train.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(folder / "checkpoints"))
+
+
 class Pipeline:
     def __init__(self, out: Path, profile: dict[str, Any], seed: int):
         self.out, self.p, self.seed = out, profile, seed
@@ -97,7 +104,7 @@ class Pipeline:
                           eval_every=max(1, p["pretrain_steps"] // 8), save_every=max(1, p["pretrain_steps"] // 4),
                           bias_gamma=0.01, balance="aux_free", sample_prompt="Q: 12+7\n<think>", tensorboard=False,
                           seed=self.seed)
-        trainer = run_pretraining(cfg, resume=True)
+        trainer = run_pretraining(cfg, resume=interrupted(folder))
         # the whole metrics log (Trainer.history is a bounded window and misses steps before a resume)
         return {"history": read_metrics(folder / "metrics.jsonl"), "model": str(folder / "model"),
                 "config": trainer.model.config.to_dict(), "flops_per_token": trainer.flops_per_token}
@@ -131,7 +138,7 @@ class Pipeline:
                          eval_problems=min(100, p["n_test"]), sample_every=max(1, p["grpo_steps"] // 4),
                          show_samples=0, save_every=max(1, p["grpo_steps"] // 4), time_limit_min=p["grpo_minutes"],
                          tensorboard=False, seed=self.seed)
-        trainer = run_grpo(cfg, resume=True)
+        trainer = run_grpo(cfg, resume=interrupted(folder))
         history = read_metrics(folder / "metrics.jsonl")
         return {"history": [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in history],
                 "model": str(folder / "model"), "steps": trainer.step}
