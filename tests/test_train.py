@@ -273,3 +273,12 @@ def test_unknown_peak_logs_no_mfu(data_dir, tmp_path, monkeypatch):
     run_pretraining(config(data_dir, tmp_path / "run", max_steps=2))
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows and all("mfu" not in r and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_resume_survives_a_torn_metrics_log(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_pretraining(config(data_dir, out, max_steps=3))
+    with open(out / "metrics.jsonl", "ab") as f:  # what a full disk or a kill can leave behind
+        f.write(b'{"step": 4, "loss": 1.\x00\x00\xff\xfe')
+    run_pretraining(config(data_dir, out, max_steps=6), resume=True)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
