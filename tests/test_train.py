@@ -97,7 +97,7 @@ def test_full_disk_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
 def test_bad_inputs_give_clear_errors(data_dir, tmp_path):
     with pytest.raises(UserError, match="tokenizer has 300 tokens but the model's vocab_size is 128"):
         run_pretraining(config(data_dir, tmp_path, model_overrides={"vocab_size": 128}))
-    with pytest.raises(UserError, match="seq_len=1024 exceeds the model's max_position_embeddings=512"):
+    with pytest.raises(SettingError, match=r"`seq_len` = 1024: must be <= the model's max_position_embeddings \(512\)"):
         run_pretraining(config(data_dir, tmp_path, seq_len=1024))
     with pytest.raises(UserError, match="nowhere does not exist"):
         run_pretraining(config(tmp_path / "nowhere", tmp_path))

@@ -210,6 +210,13 @@ class LanguageModelingConfig(TrainerConfig):
     def model_config(self) -> ModelConfig:
         return super().model_config().replace(mtp_loss_weight=self.mtp_lambda_final)
 
+    def validate(self) -> None:
+        super().validate()
+        longest = self.model_config().max_position_embeddings
+        require(self.seq_len <= longest, "seq_len", self.seq_len,
+                f"<= the model's max_position_embeddings ({longest}); longer contexts: YaRN (yarn_factor=...) "
+                "or a larger model.max_position_embeddings")
+
     def checks(self) -> list[tuple[bool, str, str]]:
         return super().checks() + [
             (self.seq_len >= 2, "seq_len", ">= 2"),
