@@ -145,6 +145,7 @@ def test_generate_in_batches_equals_one_batch(model_dir, tmp_path, capsys, sampl
 
 
 # ---------------------------------------------------------------------------------------------- interop
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # defaults are the point here
 def test_exported_ids_stop_transformers_generate_at_our_eos(model_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     from nanoseek.data.tokenizer import load_tokenizer
