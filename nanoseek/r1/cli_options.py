@@ -16,7 +16,7 @@ from nanoseek.r1.tasks import TEMPLATES, Task
 def add_task_arguments(p: argparse.ArgumentParser, n_test: int = 200) -> None:
     """Task and generation options shared by eval and sample."""
     p.add_argument("--task", required=True,
-                   help="arithmetic | countdown | FILE.jsonl of {prompt, answer} lines")
+                   help="arithmetic | countdown | chain_sum | FILE.jsonl of {prompt, answer} lines")
     p.add_argument("--difficulty", type=int, default=0, help="task difficulty (0 = task default)")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the generated train/test split")
     p.add_argument("--n-train", type=int, default=1000, help="training problems to generate")

@@ -52,7 +52,7 @@ class GRPOConfig(TrainerConfig):
 
     out_dir: str = "runs/grpo"
     # task
-    task: str = "arithmetic"  # arithmetic | countdown | path to a .jsonl of {prompt, answer}
+    task: str = "arithmetic"  # arithmetic | countdown | chain_sum | path to a .jsonl of {prompt, answer}
     difficulty: int = 0  # 0 = the task's default
     task_seed: int = 0  # seed of the train/test split (keep it equal to eval's)
     n_train: int = 1000
@@ -82,6 +82,7 @@ class GRPOConfig(TrainerConfig):
     max_resample: int = 3  # extra sampling rounds to refill dropped groups
     mask_truncated: bool = False  # completions cut at max_new_tokens get no loss
     replay_routing: bool = False  # MoE: the training forward uses the experts the rollout chose
+    track_phrase: str = ""  # logs phrase_share: share of completions containing it (e.g. "wait", a self-check)
     # optimizer defaults suited to RL on a pretrained policy
     lr: float = 1e-4
     warmup_steps: int = 0

@@ -103,7 +103,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="starting model directory (HF format with tokenizer.json)")
-    p.add_argument("--task", help="arithmetic | countdown | FILE.jsonl of {prompt, answer} lines")
+    p.add_argument("--task", help="arithmetic | countdown | chain_sum | FILE.jsonl of {prompt, answer} lines")
     p.add_argument("--config", help="TOML file with GRPO settings")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value",

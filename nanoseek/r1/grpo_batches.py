@@ -97,8 +97,9 @@ def engine_logprobs(completions: list, attn: torch.Tensor) -> tuple[torch.Tensor
     return logp, sampled
 
 
-def rollout_stats(groups: list[list[Scored]], seconds: float) -> dict[str, float]:
-    """Reward and completion statistics over every sampled completion (before any filtering)."""
+def rollout_stats(groups: list[list[Scored]], seconds: float, phrase: str = "") -> dict[str, float]:
+    """Reward and completion statistics over every sampled completion (before any filtering);
+    with `phrase`, the share of completions that contain it (`phrase_share`)."""
     flat = [s for g in groups for s in g]
     total = torch.tensor([s.rewards["total"] for s in flat])
     lengths = [len(s.completion.tokens) for s in flat]
@@ -113,6 +114,7 @@ def rollout_stats(groups: list[list[Scored]], seconds: float) -> dict[str, float
         # groups whose samples all earned the same reward: zero advantage, nothing to learn from
         "zero_var_groups": sum(len({s.rewards["total"] for s in g}) == 1 for g in groups) / len(groups),
         "gen_tokens_per_s": sum(lengths) / max(seconds, 1e-9),
+        **({"phrase_share": sum(phrase in s.text for s in flat) / n} if phrase else {}),
     }
 
 
@@ -230,7 +232,7 @@ class RolloutSource:
                 if len(kept) >= cfg.prompts_per_step:
                     break
         self.rollouts += 1
-        stats = rollout_stats(every, timer.seconds)
+        stats = rollout_stats(every, timer.seconds, cfg.track_phrase)
         stats["groups_kept"] = min(len(kept), cfg.prompts_per_step) / cfg.prompts_per_step
         stats["rollout_s"] = timer.seconds
         stats["verifier_failures"] = self.task.stats.errors + self.task.stats.timeouts

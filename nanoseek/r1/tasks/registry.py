@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 from nanoseek.errors import UserError
 from nanoseek.r1.tasks.arithmetic import arithmetic_task
+from nanoseek.r1.tasks.chain_sum import chain_sum_task
 from nanoseek.r1.tasks.countdown import countdown_task
 from nanoseek.r1.tasks.jsonl_task import jsonl_task, verify_math, warm_up_math_verify
 from nanoseek.r1.tasks.problem import Task, Verifier
@@ -54,7 +55,10 @@ def _import(module_name: str):
         return importlib.import_module(module_name)
 
 
-TASKS = ("arithmetic", "countdown", "jsonl")
+TASKS = ("arithmetic", "countdown", "chain_sum", "jsonl")
+_BUILDERS = {"arithmetic": (arithmetic_task, ("n_operands", "max_value", "ops")),
+             "countdown": (countdown_task, ("max_number", "max_target")),
+             "chain_sum": (chain_sum_task, ("min_terms", "max_terms", "hard_terms", "max_value", "test_split"))}
 
 
 def get_task(name: str, seed: int = 0, n_train: int | None = 1000, n_test: int = 100,
@@ -62,7 +66,7 @@ def get_task(name: str, seed: int = 0, n_train: int | None = 1000, n_test: int =
              test_path: str | os.PathLike | None = None,
              verifier: str | Verifier | None = None, timeout_s: float = 1.0,
              **options: Any) -> Task:
-    """Build a task by name: "arithmetic", "countdown", "jsonl" (needs `path`), or a path ending in
+    """Build a task by name: "arithmetic", "countdown", "chain_sum", "jsonl" (needs `path`), or a path ending in
     ".jsonl". `verifier` ("package.module:function" or a callable) replaces the built-in checker;
     extra `options` go to the task builder (e.g. max_number=99 for countdown)."""
     if name.endswith(".jsonl"):
@@ -74,10 +78,8 @@ def get_task(name: str, seed: int = 0, n_train: int | None = 1000, n_test: int =
         if path is None:
             raise UserError("task 'jsonl' needs a path to a .jsonl file of {prompt, answer} lines")
         task = jsonl_task(path, seed, n_train, n_test, test_path=test_path)
-    elif name in ("arithmetic", "countdown"):
-        builder = arithmetic_task if name == "arithmetic" else countdown_task
-        allowed = ("n_operands", "max_value", "ops") if name == "arithmetic" \
-            else ("max_number", "max_target")
+    elif name in _BUILDERS:
+        builder, allowed = _BUILDERS[name]
         _check_options(name, options, allowed)
         task = builder(seed, 1000 if n_train is None else n_train, n_test, difficulty, **options)
     else:
