@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nanoseek.inference.cli", "generate text from a model directory"),
     "chat": ("nanoseek.inference.chat", "interactive chat with a model"),
     "cost": ("nanoseek.cost.cli", "parameters, FLOPs, KV cache, GPU-hours, dollars and MFU"),
+    "plan": ("nanoseek.plan.cli", "memory, step time and cost of a training or serving job on a cluster"),
 }
 
 

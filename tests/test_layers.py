@@ -20,6 +20,7 @@ FORBIDDEN = {
     "nanoseek.model": ("train", "inference", "r1", "data", "cost", "cli", "demo"),
     "nanoseek.data": ("model", "train", "inference", "r1", "cli", "demo"),
     "nanoseek.cost": ("train", "inference", "r1", "cli", "demo"),
+    "nanoseek.plan": ("inference", "r1", "cli", "demo"),  # plan.calibrate runs a real train step
     "nanoseek.inference": ("train", "r1", "cli", "demo"),
     "nanoseek.train": ("r1", "cli", "demo"),
     "nanoseek.r1": ("cli", "demo"),

@@ -1,0 +1,251 @@
+"""`nanoseek plan --calibrate`: measure this machine (matmul throughput at the model's shapes, and a
+gloo all-reduce between two local processes), then run real training steps of a small model
+(nanoseek's own `Trainer.train_step`, fp32 on CPU) in a fresh process and compare the planner's
+predicted peak memory and step time with the measured ones.
+
+Memory is measured as the process's peak resident set (VmHWM) above what it held before the model
+was built (the peak is reset there through /proc/self/clear_refs, so importing torch does not count).
+The prediction is the planner's, for one device, ZeRO-0, fp32 state and activations, no reserve, with
+the measured matmul rate as the GEMM rate (efficiency 1): nothing in it is fitted to the measurement."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.config import PRESETS, ModelConfig, preset
+from nanoseek.cost import forward_flops_per_token
+from nanoseek.cost.models import load_config
+from nanoseek.errors import UserError, require
+from nanoseek.model import DeepseekV3ForCausalLM
+from nanoseek.plan.cluster import Cluster
+from nanoseek.plan.layout import Layout
+from nanoseek.plan.training import plan_training
+from nanoseek.train.config import TrainerConfig
+from nanoseek.train.core import Trainer
+
+MEMORY_TARGET = 0.15  # issue 18: predicted peak memory within 15% of measured
+TIME_TARGET = 0.30    # and step time within 30%
+
+
+def gemm_flops_per_s(m: int, k: int, n: int, reps: int = 5) -> float:
+    """fp32 matmul FLOP/s of [m, k] @ [k, n] on this CPU (median of `reps` after one warm-up)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times)
+
+
+def model_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, tuple[tuple[int, int, int], float]]:
+    """The model's GEMM kinds as (m, k, n) and their forward FLOPs per step: a dense projection
+    (attention and shared/dense FFN), a routed expert's gate/up projection at the mean rows per expert,
+    the attention core as one [T, d_qk] x [d_qk, T] product per head, and the output head."""
+    tokens, d = batch * seq_len, cfg.hidden_size
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) + cfg.num_nextn_predict_layers
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    rows = max(1, tokens * cfg.num_experts_per_tok // max(cfg.n_routed_experts, 1))
+    expert_flops = moe_layers * tokens * cfg.num_experts_per_tok * 2 * 3 * d * cfg.moe_intermediate_size
+    core = layers * batch * cfg.num_attention_heads * 2 * seq_len * seq_len * (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    head = (1 + cfg.num_nextn_predict_layers) * 2 * tokens * d * cfg.vocab_size
+    fwd = forward_flops_per_token(cfg, seq_len, include_mtp=True) * tokens
+    out = {"dense projection": ((tokens, d, d), fwd - expert_flops - core - head),
+           "expert gate/up": ((rows, d, 2 * cfg.moe_intermediate_size), expert_flops) if moe_layers else None,
+           "attention core": ((seq_len, cfg.qk_head_dim, seq_len), core),
+           "output head": ((tokens, d, cfg.vocab_size), head)}
+    return {k: v for k, v in out.items() if v is not None and v[1] > 0}
+
+
+def _all_reduce_worker(rank: int, init_file: str, nbytes: int, reps: int, out: str) -> None:
+    import torch.distributed as dist  # in the spawned child
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    x = torch.ones(nbytes // 4)
+    dist.all_reduce(x)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(x)
+    dt = (time.perf_counter() - t0) / reps
+    if rank == 0:
+        Path(out).write_text(json.dumps({"seconds": dt}))
+    dist.destroy_process_group()
+
+
+def all_reduce_bytes_per_s(nbytes: int = 8 << 20, reps: int = 5, timeout: float = 60.0) -> float | None:
+    """Bus bandwidth of a 2-process gloo all-reduce (each rank sends (n-1)/n x 2 x the tensor: one
+    tensor's worth for n = 2); None when the processes cannot be started here."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
+        procs = [ctx.Process(target=_all_reduce_worker, args=(r, init, nbytes, reps, out)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        if any(p.is_alive() for p in procs):
+            for p in procs:
+                p.kill()
+            return None
+        if not os.path.exists(out):
+            return None
+        seconds = json.loads(Path(out).read_text())["seconds"]
+    return nbytes / seconds
+
+
+class RandomTokens:
+    """A batch source of random token ids (the step's cost does not depend on the values)."""
+
+    def __init__(self, vocab: int, batch: int, seq_len: int):
+        self.gen = torch.Generator().manual_seed(0)
+        self.shape, self.vocab = (batch, seq_len), vocab
+
+    def next_batch(self) -> torch.Tensor:
+        return torch.randint(0, self.vocab, self.shape, generator=self.gen)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _rss(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def measure_step(config: dict[str, Any], batch: int, seq_len: int, steps: int) -> dict[str, Any]:
+    """Run in a fresh process: build the model, train `steps` + 1 steps (the first allocates the AdamW
+    moments and is not timed), return step times and the peak RSS above the pre-model baseline."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    baseline = _rss("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    cfg = ModelConfig.from_dict(config)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(TrainerConfig(out_dir=out, device="cpu", dtype="float32", max_steps=steps + 1,
+                                        warmup_steps=1, tensorboard=False),
+                          model, flops_per_token=1.0, tokens_per_step=batch * seq_len)
+        source = RandomTokens(cfg.vocab_size, batch, seq_len)
+
+        def loss_fn(m, ids):
+            out = m(ids, labels=ids)
+            return out.loss, {}
+
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            trainer.train_step(source, loss_fn)
+            if i:
+                times.append(time.perf_counter() - t0)
+    peak = _rss("VmHWM")
+    return {"baseline_rss": baseline, "peak_rss": peak, "peak_above_baseline": peak - baseline,
+            "hwm_reset": reset, "step_times": times, "step_s": statistics.median(times)}
+
+
+def _child_main() -> None:
+    args = json.loads(sys.argv[1])
+    print(json.dumps(measure_step(args["config"], args["batch"], args["seq_len"], args["steps"])))
+
+
+def _config(spec: str) -> dict[str, Any]:
+    if spec in PRESETS:
+        return preset(spec).to_dict()
+    name, raw = load_config(spec)
+    if raw.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
+        raise UserError(f"--calibrate trains a nanoseek (DeepSeek-V3 family) model; {name} is {raw.get('model_type')}")
+    return ModelConfig.from_dict(raw).to_dict()
+
+
+def calibrate(model: str = "small", *, seq_len: int = 256, batch: int = 4, steps: int = 3,
+              collective: bool = True) -> dict[str, Any]:
+    require(batch >= 1, "--batch", batch, "a positive integer")
+    require(1 <= steps <= 50, "--steps", steps, "an integer in [1, 50]")
+    config = _config(model)
+    require(2 <= seq_len <= config["max_position_embeddings"], "--seq-len", seq_len,
+            f"in [2, max_position_embeddings={config['max_position_embeddings']}] for --calibrate")
+    cfg = ModelConfig.from_dict(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gemm = {name: (flops, gemm_flops_per_s(*shape)) for name, (shape, flops) in model_gemms(cfg, batch, seq_len).items()}
+    finally:
+        torch.set_num_threads(threads)
+    # the rate the model's FLOPs run at if each GEMM kind runs at its measured speed (FLOP-weighted harmonic mean)
+    rate = sum(f for f, _ in gemm.values()) / sum(f / r for f, r in gemm.values())
+    gemm = {name: r for name, (_, r) in gemm.items()}
+    bus = all_reduce_bytes_per_s() if collective else None
+    child = subprocess.run([sys.executable, "-c", "from nanoseek.plan.calibrate import _child_main; _child_main()",
+                            json.dumps({"config": config, "batch": batch, "seq_len": seq_len, "steps": steps})],
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_NO_PROGRESS": "1"})
+    if child.returncode != 0:
+        raise UserError(f"the calibration step failed: {child.stderr.strip().splitlines()[-1:]}")
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    cpu = Cluster("this CPU (1 thread)", 1, 1, 1e6, {"fp32": rate / 1e12}, 1, 0, 1.0, (bus or 1e9) / 1e9, None,
+                  "measured by nanoseek plan --calibrate")
+    layout = Layout(pp=1, ep=1, zero=0, micro_batch=batch, global_batch=batch, seq_len=seq_len, precision="fp32",
+                    activations="nanoseek", attention="math")
+    plan = plan_training(config, cpu, layout, gemm_efficiency=1.0, reserve_gb=0.0, name=model)
+    dev = plan["memory"]["per_device"][0]
+    predicted_mem = dev["total"]
+    predicted_time = plan["time"]["step_s"]
+    mem_err = predicted_mem / measured["peak_above_baseline"] - 1
+    time_err = predicted_time / measured["step_s"] - 1
+    params = dev["params_on_device"]
+    return {
+        "model": model, "batch": batch, "seq_len": seq_len, "threads": 1,
+        "gemm_flops_per_s": gemm, "gemm_rate_used": rate,
+        "gloo_all_reduce_bytes_per_s": bus, "collective_measured": collective,
+        "predicted_dp_sync_2_processes_s": None if bus is None else 4 * params / bus,
+        "predicted": {"peak_bytes": predicted_mem, "step_s": predicted_time,
+                      "breakdown": {k: v for k, v in dev.items() if k not in ("total",)}},
+        "measured": measured,
+        "memory_error": mem_err, "time_error": time_err,
+        "memory_within_target": abs(mem_err) <= MEMORY_TARGET, "time_within_target": abs(time_err) <= TIME_TARGET,
+        "assumptions": plan["assumptions"],
+    }
+
+
+def calibration_text(r: dict[str, Any]) -> str:
+    m, p = r["measured"], r["predicted"]
+    gemm = ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in r["gemm_flops_per_s"].items())
+    bus = r["gloo_all_reduce_bytes_per_s"]
+    lines = [f"calibration: {r['model']}, batch {r['batch']} x {r['seq_len']} tokens, fp32, 1 CPU thread",
+             f"  matmul (fp32) at the model's shapes: {gemm}",
+             f"  rate used (FLOP-weighted over those): {r['gemm_rate_used'] / 1e9:.1f} GFLOP/s",
+             "  gloo all-reduce, 2 local processes: " + ("not measured" if not r["collective_measured"] else
+                                                         "could not start" if bus is None else
+                                                         f"{bus / 1e9:.2f} GB/s (8 MB tensor)"),
+             f"  peak memory: predicted {p['peak_bytes'] / 1e6:,.1f} MB, measured {m['peak_above_baseline'] / 1e6:,.1f} MB "
+             f"above the pre-model RSS ({r['memory_error']:+.1%}; target within {MEMORY_TARGET:.0%}: "
+             f"{'met' if r['memory_within_target'] else 'MISSED'})",
+             f"  step time: predicted {p['step_s'] * 1e3:,.1f} ms, measured {m['step_s'] * 1e3:,.1f} ms (median of "
+             f"{len(m['step_times'])}; {r['time_error']:+.1%}; target within {TIME_TARGET:.0%}: "
+             f"{'met' if r['time_within_target'] else 'MISSED'})",
+             "  predicted memory breakdown: " + ", ".join(
+                 f"{k} {v / 1e6:,.1f} MB" for k, v in p["breakdown"].items()
+                 if k not in ("params_on_device", "micro_batches_held") and v)]
+    return "\n".join(lines)
