@@ -24,6 +24,7 @@ FORBIDDEN = {
     "nanoseek.inference": ("train", "r1", "cli", "demo"),
     "nanoseek.train": ("r1", "cli", "demo"),
     "nanoseek.r1": ("cli", "demo"),
+    "nanoseek.parallel": ("train", "inference", "r1", "cli", "demo"),
 }
 
 

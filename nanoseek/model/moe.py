@@ -1,7 +1,7 @@
 """DeepSeekMoE: fine-grained routed experts + always-on shared experts (DeepSeek-V3 technical report,
 §2.1.2; docs/design.md).
 
-The routed path is three separable steps so expert parallelism can slot in between them later:
+The routed path is three separable steps; expert parallelism swaps in its own (`MoE.expert_dispatcher`):
   dispatch  - sort token copies by expert (an all-to-all under EP),
   compute   - one grouped GEMM over the expert-sorted rows (`torch.nn.functional.grouped_mm`),
   combine   - un-sort, weight by the router and sum the K copies of each token.
@@ -65,6 +65,14 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
     return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
 
 
+def expert_mlp(rows: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+               offsets: torch.Tensor) -> torch.Tensor:
+    """The routed experts' SwiGLU as two grouped GEMMs: rows [M, D] sorted by expert, weights
+    [E, 2I, D] / [E, D, I], offsets [E] -> [M, D]. Expert parallelism calls it on its local experts."""
+    gate, up = _grouped_mm(rows, gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offsets)
+
+
 class GroupedExperts(nn.Module):
     """All routed experts' weights as 3-D tensors (the layout transformers uses in memory):
     gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]."""
@@ -76,8 +84,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Rows [N*K, D] sorted by expert (see `dispatch`) -> each row through its expert."""
-        gate, up = _grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)
+        return expert_mlp(rows, self.gate_up_proj, self.down_proj, offsets)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Routed expert e on rows x [n, D]: down(silu(gate(x)) * up(x))."""
@@ -112,6 +119,10 @@ class MoE(nn.Module):
         # Tokens per expert accumulated since the last bias update (across micro-batches).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None  # set by forward in training when alpha > 0
+        # Routed-expert computation, swappable: None computes locally; expert parallelism installs an
+        # object called as dispatcher(x [N, D], weights [N, K], idx [N, K], experts) -> (out [N, D],
+        # counts [E] of this rank's token copies per expert) (nanoseek.parallel.expert_parallel).
+        self.expert_dispatcher = None
 
     def few_tokens(self, x: torch.Tensor) -> bool:
         """Whether routed experts run one by one (`GroupedExperts.per_expert`): on CPU, when the token
@@ -125,7 +136,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, idx, scores = self.gate(flat)
-        if self.few_tokens(flat):
+        if self.expert_dispatcher is not None:
+            out, counts = self.expert_dispatcher(flat, weights, idx, self.experts)
+        elif self.few_tokens(flat):
             out, counts = self.experts.per_expert(flat, weights, idx), None
         else:
             rows, plan = dispatch(flat, idx, self.cfg.n_routed_experts)

@@ -1,0 +1,16 @@
+"""Training on several processes with torch.distributed (launched by torchrun; docs/distributed.md).
+
+  config.py           ParallelConfig: the layout (dp_shard, ep, pp, nodes), checked before any process group
+  mesh.py             the process group (gloo on CPU, nccl on CUDA) and the (pp, dp_shard, ep) DeviceMesh
+  expert_parallel.py  routed experts sharded over EP; dispatch/combine with all_to_all_single
+  fsdp.py             FSDP2 per block and root, mixed precision, the global gradient norm
+  parallelize.py      both applied to a model; gradient completion and clipping after backward
+  traffic.py          all-to-all bytes per rank, within and across (simulated) nodes
+  dcp.py              torch.distributed.checkpoint save/load (atomic, reshardable) and HF export
+
+Sits below nanoseek.train (which drives it) and above nanoseek.model (which it shards).
+"""
+
+from nanoseek.parallel.config import ParallelConfig
+
+__all__ = ["ParallelConfig"]
