@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--gpus", type=int, default=8, help="number of GPUs (8)")
     c.add_argument("--gpus-per-node", type=int)
     c.add_argument("--hbm-gb", type=float)
+    c.add_argument("--hbm-tb-s", type=float, help="memory bandwidth per GPU")
     c.add_argument("--nvlink-gb-s", type=float, help="intra-node bandwidth per GPU per direction")
     c.add_argument("--internode-gb-s", type=float, help="network bandwidth per GPU per direction")
     c.add_argument("--usd-per-gpu-hour", type=float)
@@ -50,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--recompute", default="none", help="|".join(RECOMPUTE) + " (none)")
     lo.add_argument("--activations", default="nanoseek", help="|".join(ACTIVATION_PROFILES) + " (nanoseek)")
     lo.add_argument("--attention", default="fused", help="attention kernel: fused|math (fused)")
+    lo.add_argument("--split", default="balanced", help="layers per pipeline chunk: balanced (by FLOPs)|even "
+                    "(balanced)")
     lo.add_argument("--node-limit", type=int, help="nodes a token may reach (default: the model's topk_group "
                     "when its groups map onto nodes; 0 = no limit)")
     lo.add_argument("--no-mtp", action="store_true", help="do not train the MTP modules")
@@ -71,13 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--calibrate", action="store_true", help="measure this machine and check the planner "
                    "against a real training step of MODEL (default: small)")
     m.add_argument("--batch", type=int, default=4, help="--calibrate: sequences per step (4)")
-    m.add_argument("--steps", type=int, default=3, help="--calibrate: timed steps (3)")
+    m.add_argument("--steps", type=int, default=5, help="--calibrate: timed steps (5)")
     m.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _cluster(args: argparse.Namespace):
     return cluster(args.gpu, args.gpus, comm_sms=args.comm_sms, gpus_per_node=args.gpus_per_node,
-                   hbm_gb=args.hbm_gb, nvlink_gb_s=args.nvlink_gb_s, internode_gb_s=args.internode_gb_s,
+                   hbm_gb=args.hbm_gb, hbm_tb_s=args.hbm_tb_s, nvlink_gb_s=args.nvlink_gb_s, internode_gb_s=args.internode_gb_s,
                    usd_per_gpu_hour=args.usd_per_gpu_hour)
 
 
@@ -86,7 +89,7 @@ def _layout(args: argparse.Namespace) -> Layout:
                   virtual_stages=args.virtual_stages, micro_batch=args.micro_batch, global_batch=args.global_batch,
                   seq_len=args.seq_len, precision=args.precision, recompute=args.recompute,
                   node_limit=args.node_limit, mtp=not args.no_mtp, activations=args.activations,
-                  attention=args.attention)
+                  attention=args.attention, split=args.split)
 
 
 def _tokens(args: argparse.Namespace) -> float | None:

@@ -16,7 +16,8 @@ class Cluster:
     gpu: str
     n_gpus: int
     gpus_per_node: int
-    hbm_gb: float                  # memory per GPU, decimal GB
+    hbm_gb: float                  # memory per GPU as datasheets write it: "80 GB" of HBM is 80 GiB
+    hbm_tb_s: float                # memory bandwidth per GPU, TB/s
     peak_tflops: dict[str, float]  # dense peak per precision ("bf16", "fp8", "fp32"); absent = no such units
     sms: int
     comm_sms: int                  # SMs kept for communication kernels (DeepSeek-V3: 20 of 132)
@@ -31,7 +32,9 @@ class Cluster:
 
     @property
     def hbm_bytes(self) -> float:
-        return self.hbm_gb * 1e9
+        """HBM capacities are binary: an "80 GB" H100/H800/A100 holds 80 x 2^30 = 85.9e9 bytes (nvidia-smi
+        reports 81,920 MiB on an A100 80GB; drivers and ECC take a little of it: see the reserve)."""
+        return self.hbm_gb * 2**30
 
     def peak_flops(self, precision: str) -> float:
         """Dense peak FLOP/s at `precision`, scaled by the SMs left for compute."""
@@ -45,23 +48,23 @@ class Cluster:
         return asdict(self)
 
 
-OVERRIDES = ("hbm_gb", "nvlink_gb_s", "internode_gb_s", "gpus_per_node", "usd_per_gpu_hour")
+OVERRIDES = ("hbm_gb", "hbm_tb_s", "nvlink_gb_s", "internode_gb_s", "gpus_per_node", "usd_per_gpu_hour")
 
 
 def cluster(gpu: str = "H800", n_gpus: int = 8, *, comm_sms: int = 0, **overrides: Any) -> Cluster:
     """A `Cluster` of `n_gpus` GPUs of the table's type `gpu`; keyword overrides (None = the table's
-    value): hbm_gb, nvlink_gb_s, internode_gb_s, gpus_per_node, usd_per_gpu_hour."""
+    value): hbm_gb, hbm_tb_s, nvlink_gb_s, internode_gb_s, gpus_per_node, usd_per_gpu_hour."""
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise TypeError(f"unknown cluster override(s): {', '.join(unknown)}")
     spec = gpu_spec(gpu)
     name = {k.lower(): k for k in load_hardware()}[gpu.lower()]
-    row = {"hbm_gb": spec.get("memory_gb"), "nvlink_gb_s": spec.get("nvlink_gb_s"),
+    row = {"hbm_gb": spec.get("memory_gb"), "hbm_tb_s": spec.get("hbm_tb_s"), "nvlink_gb_s": spec.get("nvlink_gb_s"),
            "internode_gb_s": spec.get("internode_gb_s"), "gpus_per_node": spec.get("gpus_per_node"),
            "usd_per_gpu_hour": spec.get("usd_per_gpu_hour")}
     row.update({k: v for k, v in overrides.items() if v is not None})
     require(isinstance(n_gpus, int) and n_gpus >= 1, "--gpus", n_gpus, "a positive integer")
-    for key in ("hbm_gb", "nvlink_gb_s", "internode_gb_s"):
+    for key in ("hbm_gb", "hbm_tb_s", "nvlink_gb_s", "internode_gb_s"):
         require(is_finite_number(row[key]) and row[key] > 0, "--" + key.replace("_", "-"), row[key],
                 "a positive number")
     require(isinstance(row["gpus_per_node"], int) and row["gpus_per_node"] >= 1, "--gpus-per-node",
@@ -76,5 +79,5 @@ def cluster(gpu: str = "H800", n_gpus: int = 8, *, comm_sms: int = 0, **override
     changed = [k for k in OVERRIDES if overrides.get(k) is not None]
     if changed:
         source += f"; overridden: {', '.join(changed)}"
-    return Cluster(name, n_gpus, row["gpus_per_node"], float(row["hbm_gb"]), peaks, spec["sms"], comm_sms,
+    return Cluster(name, n_gpus, row["gpus_per_node"], float(row["hbm_gb"]), float(row["hbm_tb_s"]), peaks, spec["sms"], comm_sms,
                    float(row["nvlink_gb_s"]), float(row["internode_gb_s"]), row["usd_per_gpu_hour"], source)

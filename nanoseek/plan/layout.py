@@ -6,13 +6,14 @@ error per inconsistency) and derives the degrees and which pipeline chunks each 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from nanoseek.cost import arch
 from nanoseek.cost.models import as_dict
 from nanoseek.errors import UserError, require
-from nanoseek.plan.blocks import ACTIVATION_PROFILES, ATTENTION_KERNELS, RECOMPUTE
+from nanoseek.plan.blocks import ACTIVATION_PROFILES, ATTENTION_KERNELS, RECOMPUTE, Block
 from nanoseek.plan.cluster import Cluster
 from nanoseek.plan.precision import RECIPES
 
@@ -38,6 +39,7 @@ class Layout:
     mtp: bool = True                # train the model's MTP modules
     activations: str = "nanoseek"   # which tensors are kept for the backward: nanoseek | v3 (plan/blocks.py)
     attention: str = "fused"        # attention kernel: fused (FlashAttention-style) | math (torch's CPU SDPA)
+    split: str = "balanced"         # layers per pipeline chunk: balanced (by forward FLOPs, head and MTP counted) | even
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,17 +94,50 @@ def split_layers(n_layers: int, chunks: int) -> list[int]:
     return counts
 
 
-def chunk_blocks(block_is_layer: list[bool], chunks: int) -> tuple[tuple[int, ...], ...]:
+@functools.lru_cache(maxsize=256)  # a sweep asks for the same few splits many times
+def balanced_layers(costs: tuple[float, ...], chunks: int, first_extra: float, last_extra: float) -> list[int]:
+    """Decoder layers per chunk (contiguous, at least one each) minimising the costliest chunk, where
+    chunk 0 also carries `first_extra` and the last chunk `last_extra` (the output head, the MTP
+    modules). Exact dynamic programme over the split points."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[j][i]: the smallest possible max cost of splitting layers[:i] into j chunks
+    best = [[inf] * (n + 1) for _ in range(chunks + 1)]
+    cut = [[0] * (n + 1) for _ in range(chunks + 1)]
+    best[0][0] = 0.0
+    for j in range(1, chunks + 1):
+        extra = (first_extra if j == 1 else 0.0) + (last_extra if j == chunks else 0.0)
+        for i in range(j, n - (chunks - j) + 1):
+            for s in range(j - 1, i):
+                cost = max(best[j - 1][s], prefix[i] - prefix[s] + extra)
+                if cost < best[j][i]:
+                    best[j][i], cut[j][i] = cost, s
+    counts, i = [], n
+    for j in range(chunks, 0, -1):
+        counts.append(i - cut[j][i])
+        i = cut[j][i]
+    return counts[::-1]
+
+
+def chunk_blocks(bl: list[Block], chunks: int, split: str = "even") -> tuple[tuple[int, ...], ...]:
     """Block indices per chunk: blocks before the first layer go to chunk 0, after the last to the last."""
-    layer_ids = [i for i, is_layer in enumerate(block_is_layer) if is_layer]
-    counts = split_layers(len(layer_ids), chunks)
+    layer_ids = [i for i, b in enumerate(bl) if b.layer]
+    if split == "balanced":
+        first = sum(b.forward_flops for b in bl[:layer_ids[0]])
+        last = sum(b.forward_flops for b in bl[layer_ids[-1] + 1:])
+        counts = list(balanced_layers(tuple(bl[i].forward_flops for i in layer_ids), chunks, first, last))
+    else:
+        counts = split_layers(len(layer_ids), chunks)
     out: list[list[int]] = [[] for _ in range(chunks)]
     start = 0
     for c, n in enumerate(counts):
         out[c] = layer_ids[start:start + n]
         start += n
     out[0] = [i for i in range(layer_ids[0])] + out[0]
-    out[-1] = out[-1] + [i for i in range(layer_ids[-1] + 1, len(block_is_layer))]
+    out[-1] = out[-1] + [i for i in range(layer_ids[-1] + 1, len(bl))]
     return tuple(tuple(c) for c in out)
 
 
@@ -110,7 +145,7 @@ def _min_micro(layout: Layout) -> int:
     return 2 * layout.pp if layout.schedule in ("zbv", "dualpipe", "dualpipev") else layout.pp
 
 
-def resolve(layout: Layout, cfg: Any, cl: Cluster, block_is_layer: list[bool]) -> Resolved:
+def resolve(layout: Layout, cfg: Any, cl: Cluster, bl: list[Block]) -> Resolved:
     """Check `layout` against the model and the cluster; one UserError naming the setting."""
     c = dict(as_dict(cfg))
     a = arch(c)
@@ -125,6 +160,7 @@ def resolve(layout: Layout, cfg: Any, cl: Cluster, block_is_layer: list[bool]) -
     require(lo.activations in ACTIVATION_PROFILES, "--activations", lo.activations,
             "one of " + ", ".join(ACTIVATION_PROFILES))
     require(lo.attention in ATTENTION_KERNELS, "--attention", lo.attention, "one of " + ", ".join(ATTENTION_KERNELS))
+    require(lo.split in ("even", "balanced"), "--split", lo.split, "even or balanced")
     require(lo.zero in (0, 1, 2, 3), "--zero", lo.zero, "0, 1, 2 or 3 (3 = FSDP)")
     if cl.n_gpus % lo.pp:
         raise UserError(f"--pp {lo.pp} does not divide the {cl.n_gpus} GPUs")
@@ -173,7 +209,7 @@ def resolve(layout: Layout, cfg: Any, cl: Cluster, block_is_layer: list[bool]) -
     ep_nodes = -(-lo.ep // cl.gpus_per_node)
     limit = _node_limit(lo, c, ep_nodes)
     return Resolved(lo, dp, dp_shard, dp // lo.ep, max(1, dp_shard // lo.ep), n_micro, n_micro * per_replica, chunks,
-                    device_chunks(lo), chunk_blocks(block_is_layer, chunks), ep_nodes, g, limit)
+                    device_chunks(lo), chunk_blocks(bl, chunks, lo.split), ep_nodes, g, limit)
 
 
 def _node_limit(lo: Layout, c: dict[str, Any], ep_nodes: int) -> int:

@@ -37,16 +37,18 @@ def training_text(r: dict[str, Any]) -> str:
     skip = ("total", "params_on_device", "micro_batches_held")
     lines += _rows([(k, gb(v)) for k, v in dev.items() if k not in skip])
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
-    lines += _rows([("total", f"{gb(dev['total'])} of {gb(mem['hbm_bytes'])}: {verdict}")])
+    lines += _rows([("total", f"{gb(dev['total'])} of {gb(mem['hbm_bytes'])} ({r['cluster']['hbm_gb']:g} GiB): {verdict}")])
     mb = t["micro_batch"]
     lines += ["", f"step time (critical device {t['critical_device']}; per micro-batch F {seconds(mb['F'])}, "
                   f"B {seconds(mb['B'])}, W {seconds(mb['W'])}, all-to-all {seconds(mb['comm_fwd'])} + "
                   f"{seconds(mb['comm_bwd'])}):"]
     lines += _rows([("compute", seconds(t["compute_s"])), ("  of which recomputation", seconds(t["recompute_s"])),
+                    ("  of which memory-bound", seconds(t["memory_bound_s"])),
                     ("all-to-all exposed", seconds(t["exposed_all_to_all_s"])),
                     ("all-to-all hidden", seconds(t["hidden_all_to_all_s"])),
                     ("pipeline bubble", seconds(t["bubble_s"])), ("data-parallel sync", seconds(t["dp_sync_s"])),
-                    ("FSDP gathers exposed", seconds(t["fsdp_exposed_s"])), ("step", seconds(t["step_s"]))])
+                    ("FSDP gathers exposed", seconds(t["fsdp_exposed_s"])), ("optimizer step", seconds(t["optimizer_s"])),
+                    ("step", seconds(t["step_s"]))])
     a2a = t["all_to_all_per_token_per_moe_layer"]
     lines.append(f"  per token per MoE layer: {a2a['network_copies']:.2f} copies over the network, "
                  f"{a2a['nvlink_copies']:.2f} over NVLink (node limit {r['derived']['node_limit']} of "
@@ -87,7 +89,7 @@ def sweep_text(s: dict[str, Any]) -> str:
 def serving_text(rows: list[dict[str, Any]]) -> str:
     lines = []
     for s in rows:
-        lines += [f"{s['model']} served on {s['gpu']} ({s['hbm_gb']:g} GB), {s['weight_dtype']} weights, "
+        lines += [f"{s['model']} served on {s['gpu']} ({s['hbm_gb']:g} GiB), {s['weight_dtype']} weights, "
                   f"{s['kv_dtype']} KV cache, {s['context']:,}-token requests:"]
         lines += _rows([
             ("weights", f"{gb(s['weight_bytes'])} over {s['replica_gpus']} GPU(s): {gb(s['weights_per_gpu'])} each"),

@@ -17,7 +17,7 @@ SERVE_DTYPES = ("bf16", "fp8")
 
 def replica_gpus(weight_bytes: float, cl: Cluster, reserve_gb: float) -> int:
     """The fewest GPUs whose memory holds the weights: 1, 2, 4, ... up to a node, then whole nodes."""
-    usable = cl.hbm_bytes - reserve_gb * 1e9
+    usable = cl.hbm_bytes - reserve_gb * 1e9  # hbm_bytes: binary capacity (see Cluster.hbm_bytes)
     n = 1
     while weight_bytes / n >= usable:
         n = n * 2 if n < cl.gpus_per_node else n + cl.gpus_per_node
@@ -51,11 +51,13 @@ def plan_serving(model: Any, cl: Cluster, *, weight_dtype: str = "fp8", kv_dtype
         "requests_per_node": math.floor(per_gpu * cl.gpus_per_node),
         "requests_per_replica": math.floor(per_gpu * n),
         "assumptions": [
-            f"weights ({n_params / 1e9:,.1f}B parameters incl. MTP) in {weight_dtype}, split evenly over "
+            f"weights ({n_params / 1e9:,.1f}B parameters{' incl. MTP' if p['params_mtp_total'] else ''}) in "
+            f"{weight_dtype}, split evenly over "
             f"{n} GPU(s) of one replica ({'the fewest that hold them' if gpus is None else 'as asked'})",
             f"KV cache in {kv_dtype}: {kv_token:,.0f} B per token (main layers; MLA caches the latent and "
             "the RoPE key, GQA keys and values), spread over the replica's GPUs",
-            f"reserve {reserve_gb:g} GB per GPU (CUDA context, activations of a decode step, fragmentation)",
+            f"HBM {cl.hbm_gb:g} GiB = {cl.hbm_bytes / 1e9:.1f} GB per GPU; reserve {reserve_gb:g} GB (CUDA context, "
+            "activations of a decode step, fragmentation)",
             "requests per GPU = free memory / cache of one full-context request; fractional requests "
             "are shared across the replica",
         ],

@@ -12,6 +12,10 @@ Expert all-to-all per MoE layer and token: K copies of the hidden state; the cop
 network, every copy crosses NVLink once within a node (all but 1/g of them, g = GPUs of the EP group
 per node); dispatch at the precision's dispatch bytes, combine and both backward exchanges at its
 combine bytes. Network and NVLink run concurrently (DeepSeek-V3 report §3.2.2): the slower one counts.
+Memory-bound work (norms, activations, softmax, routing, copies) is not free: every activation the
+forward produces (all the tensors `blocks` lists, before recomputation drops any) is counted as
+written and read once in the forward and read, its gradient written and read, in the backward (2 and
+3 passes) at the HBM bandwidth; the AdamW update reads and writes its state once per step.
 Bubbles: 1F1B (PP-1)(F+B); interleaved (PP-1)(F+B)/v; ZB1P (PP-1)(F+B-2W); ZB-V the ZB1P formula on
 half-device chunks; DualPipe (PP/2-1)(F&B+B-3W); DualPipeV the same on half-device chunks over 2PP
 chunks, i.e. (PP-1)(F&B+B-3W)/2 in device units. F&B, the overlapped forward-backward pair, is
@@ -21,7 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanoseek.plan.blocks import Block
+from nanoseek.plan.blocks import Block, act_bytes_per_token
+from nanoseek.plan.memory import act_sizes
 from nanoseek.plan.cluster import Cluster
 from nanoseek.plan.layout import DUAL, Resolved
 from nanoseek.plan.precision import Precision
@@ -60,13 +65,21 @@ def chunk_times(bl: list[Block], blocks_in: tuple[int, ...], r: Resolved, cl: Cl
         extra = sum(b.recompute_flops for b in mine) / low * tokens
     elif lo.recompute == "full":
         extra = sum(b.gemm_flops / low + (b.high_mm_flops + b.core_flops) / high for b in mine if b.layer) * tokens
+    hbm = cl.hbm_tb_s * 1e12 * bw_efficiency
+    sizes = act_sizes(p, lo.activations)
+    produced = sum(act_bytes_per_token(b, "none", sizes) + act_bytes_per_token(b, "none", sizes, loss=True)
+                   for b in mine) * tokens  # everything the forward produces, kept or not
+    f += 2 * produced / hbm
+    extra_mem = 3 * produced / hbm
     moe = sum(1 for b in mine if b.moe)
     k = max((b.top_k for b in mine), default=0)
     a2a = all_to_all_bytes(r, mine[0].hidden if mine else 0, k, p)
     net, nvl = cl.internode_gb_s * 1e9 * bw_efficiency, cl.nvlink_gb_s * 1e9 * bw_efficiency
     c_f = moe * tokens * max(a2a["network_fwd"] / net, a2a["nvlink_fwd"] / nvl)
     c_b = moe * tokens * max(a2a["network_bwd"] / net, a2a["nvlink_bwd"] / nvl)
-    return {"F": f, "B": 2 * f + extra, "W": w, "recompute": extra, "comm_fwd": c_f, "comm_bwd": c_b}
+    f_gemm = f - 2 * produced / hbm
+    return {"F": f, "B": 2 * f_gemm + extra_mem + extra, "W": w, "recompute": extra, "comm_fwd": c_f, "comm_bwd": c_b,
+            "memory_bound": 5 * produced / hbm}
 
 
 def device_times(chunks: list[dict[str, float]], dualpipe: bool) -> dict[str, float]:
@@ -121,6 +134,20 @@ def dp_seconds(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, device: 
     return {"step": step, "per_micro": per_micro}
 
 
+def optimizer_seconds(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, device: int,
+                      bw_efficiency: float) -> float:
+    """AdamW over this device's shard of the state: read master (or weights), gradient and both moments,
+    write master, both moments and (with a separate master) the working weights."""
+    lo = r.layout
+    mine = [bl[i] for c in r.device_chunks[device] for i in r.chunk_blocks[c]]
+    dense = sum(b.dense_params for b in mine)
+    expert = sum(b.expert_params for b in mine) / lo.ep
+    updated = (dense / r.dp_shard + expert / r.expert_shard) if lo.zero >= 1 else dense + expert
+    master = p.master_bytes or p.weight_bytes
+    per_param = 2 * master + p.grad_bytes + 4 * p.moment_bytes + (p.weight_bytes if p.master_bytes else 0)
+    return updated * per_param / (cl.hbm_tb_s * 1e12 * bw_efficiency)
+
+
 def step_time(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, *, gemm_efficiency: float,
               bw_efficiency: float, overlap: float) -> dict[str, Any]:
     """Seconds per optimizer step on the slowest device, with its parts."""
@@ -147,13 +174,15 @@ def step_time(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, *, gemm_e
     dp = dp_seconds(bl, r, cl, p, worst, bw_efficiency)
     fsdp_exposed = max(0.0, dp["per_micro"] - (t["F"] + t["B"])) * r.n_micro
     compute = r.n_micro * (t["F"] + t["B"])
-    total = r.n_micro * t["fb"] + bub + dp["step"] + fsdp_exposed
+    opt = optimizer_seconds(bl, r, cl, p, worst, bw_efficiency)
+    total = r.n_micro * t["fb"] + bub + dp["step"] + fsdp_exposed + opt
     tokens = lo.micro_batch * lo.seq_len
     d, k = bl[0].hidden, max((b.top_k for b in bl), default=0)
     return {"step_s": total, "compute_s": compute, "recompute_s": r.n_micro * t["recompute"],
+            "memory_bound_s": r.n_micro * t["memory_bound"], "optimizer_s": opt,
             "exposed_all_to_all_s": r.n_micro * t["exposed_comm"], "hidden_all_to_all_s": r.n_micro * t["hidden_comm"],
             "bubble_s": bub, "dp_sync_s": dp["step"], "fsdp_exposed_s": fsdp_exposed,
-            "critical_device": worst, "micro_batch": {k2: t[k2] for k2 in ("F", "B", "W", "comm_fwd", "comm_bwd", "fb")},
+            "critical_device": worst, "micro_batch": {k2: t[k2] for k2 in ("F", "B", "W", "memory_bound", "comm_fwd", "comm_bwd", "fb")},
             "pp_p2p_s_per_micro_batch": (tokens * d * p.act_bytes / (cl.internode_gb_s * 1e9 * bw_efficiency)
                                          if lo.pp > 1 else 0.0),
             "all_to_all_per_token_per_moe_layer": all_to_all_bytes(r, d, k, p)}

@@ -37,7 +37,7 @@ def plan_training(model: Any, cl: Cluster, layout: Layout, *, tokens: float | No
     require(layout.attention in ATTENTION_KERNELS, "--attention", layout.attention,
             "one of " + ", ".join(ATTENTION_KERNELS))
     bl = blocks(model, layout.seq_len, include_mtp=layout.mtp, attention_kernel=layout.attention)
-    r = resolve(layout, model, cl, [b.layer for b in bl])
+    r = resolve(layout, model, cl, bl)
     p = precision(layout.precision)
     mem = memory(bl, r, p, cl, reserve_gb)
     t = step_time(bl, r, cl, p, gemm_efficiency=gemm_efficiency, bw_efficiency=bw_efficiency, overlap=overlap)
@@ -80,6 +80,8 @@ def assumptions(lo: Layout, cl: Cluster, p, gemm_eff: float, bw_eff: float, over
         f"compute: exact FLOPs (nanoseek.cost) at {gemm_eff:.0%} of the dense peak ({p.gemm_peak} for linear "
         f"layers, {p.high_peak} for attention core, router and output head), peaks x ({cl.sms}-{cl.comm_sms})/"
         f"{cl.sms} SMs; backward = 2 x forward, weight-gradient part W = the forward matmul FLOPs",
+        f"memory-bound work: every activation produced moves 2x in the forward and 3x in the backward, the "
+        f"AdamW update reads and writes its state once, at {bw_eff:.0%} of {cl.hbm_tb_s:g} TB/s",
         f"precision {p.name}: {p.source}",
         f"state per parameter: weights {p.weight_bytes:g} B, master {p.master_bytes:g} B, gradients "
         f"{p.grad_bytes:g} B, 2 AdamW moments x {p.moment_bytes:g} B; ZeRO-{lo.zero} shards "
@@ -104,10 +106,12 @@ def assumptions(lo: Layout, cl: Cluster, p, gemm_eff: float, bw_eff: float, over
         "data parallel: gradients reduce-scattered and weights all-gathered once per step, not overlapped"
         + ("; FSDP gathers per micro-batch hidden up to the compute time" if lo.zero >= 3 else ""),
         "pipeline send/recv assumed hidden behind compute (its time per micro-batch is reported)",
+        f"HBM {cl.hbm_gb:g} GB of the datasheet = {cl.hbm_gb:g} GiB = {cl.hbm_bytes / 1e9:.1f}e9 bytes (memory sizes here "
+        "are decimal GB)",
         f"buffers: EP dispatch/combine for one micro-batch (x2 with DualPipe overlap), PP send/recv, "
         f"{DP_BUCKET_BYTES / 1e6:.0f} MB DP buckets; reserve {reserve_gb:g} GB per GPU",
         "MTP modules " + ("trained (on the last pipeline chunk, in FLOPs and MFU)" if has_mtp else "not trained"),
         "MFU = model FLOPs (3 x forward, recomputation excluded) / peak of all GPUs (full SMs)",
-        "not modelled: non-GEMM kernels (norms, activations, routing, quantisation), load imbalance across "
-        "experts, optimizer step time, failures and restarts",
+        "not modelled: kernel launch and framework overhead, FP8 quantisation kernels, load imbalance across "
+        "experts, failures and restarts",
     ]
