@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nanoseek.r1.evaluate", "evaluate a model on a task's test split"),
     "generate": ("nanoseek.inference.cli", "generate text from a model directory"),
     "chat": ("nanoseek.inference.chat", "interactive chat with a model"),
+    "serve": ("nanoseek.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),
     "cost": ("nanoseek.cost.cli", "parameters, FLOPs, KV cache, GPU-hours, dollars and MFU"),
     "plan": ("nanoseek.plan.cli", "memory, step time and cost of a training or serving job on a cluster"),
 }

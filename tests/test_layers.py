@@ -22,6 +22,7 @@ FORBIDDEN = {
     "nanoseek.cost": ("train", "inference", "r1", "cli", "demo"),
     "nanoseek.plan": ("inference", "r1", "cli", "demo"),  # plan.calibrate runs a real train step
     "nanoseek.inference": ("train", "r1", "cli", "demo"),
+    "nanoseek.serve": ("train", "r1", "cli", "demo"),
     "nanoseek.train": ("r1", "cli", "demo"),
     "nanoseek.r1": ("cli", "demo"),
     "nanoseek.parallel": ("train", "inference", "r1", "cli", "demo"),
