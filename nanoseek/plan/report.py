@@ -53,13 +53,12 @@ def training_text(r: dict[str, Any]) -> str:
     lines.append(f"  per token per MoE layer: {a2a['network_copies']:.2f} copies over the network, "
                  f"{a2a['nvlink_copies']:.2f} over NVLink (node limit {r['derived']['node_limit']} of "
                  f"{r['derived']['ep_nodes']} EP nodes)")
-    peak_key = next(k for k in tp if k.startswith("mfu_") and k != "mfu_bf16_peak")
     lines += ["", "throughput:"]
     pairs = [("tokens/s", f"{tp['tokens_per_s']:,.0f}"), ("tokens/day", f"{tp['tokens_per_day'] / 1e9:,.1f}B")]
     if tp["mfu_bf16_peak"] is not None:
         pairs.append(("MFU (bf16 peak)", f"{tp['mfu_bf16_peak']:.1%}"))
-    if peak_key != "mfu_bf16_peak":
-        pairs.append((f"MFU ({peak_key[4:-5]} peak)", f"{tp[peak_key]:.1%}"))
+    if tp["precision_peak"] != "bf16":
+        pairs.append((f"MFU ({tp['precision_peak']} peak)", f"{tp['mfu_precision_peak']:.1%}"))
     lines += _rows(pairs)
     if "budget" in r:
         b = r["budget"]

@@ -61,7 +61,7 @@ def plan_training(model: Any, cl: Cluster, layout: Layout, *, tokens: float | No
             "tokens_per_s": tokens_per_s, "tokens_per_day": tokens_per_s * 86400,
             "model_flops_per_token": model_flops,
             "mfu_bf16_peak": tokens_per_s * model_flops / (cl.n_gpus * peak_bf16) if peak_bf16 else None,
-            f"mfu_{p.gemm_peak}_peak": tokens_per_s * model_flops / (cl.n_gpus * peak_own),
+            "mfu_precision_peak": tokens_per_s * model_flops / (cl.n_gpus * peak_own), "precision_peak": p.gemm_peak,
         },
         "assumptions": assumptions(layout, cl, p, gemm_efficiency, bw_efficiency, overlap, reserve_gb, has_mtp),
     }
