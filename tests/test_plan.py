@@ -31,6 +31,37 @@ def test_blocks_add_up_to_the_exact_counts(model):
         cost.forward_flops_per_token(model, 4096))
 
 
+# DeepSeek's own inference format (inference/configs/config_671B.json in the DeepSeek-V3 repository)
+CONFIG_671B = {
+    "vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+    "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+    "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+    "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8", "original_seq_len": 4096,
+    "rope_theta": 10000.0, "rope_factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+}
+
+
+def test_every_model_source_plans(tmp_path, capsys):
+    """Preset, bundled name, run directory, HF config.json and DeepSeek's inference config all plan; the
+    inference config of the 671B model gives the bundled V3's plan without its MTP module."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "config_671B.json").write_text(json.dumps(CONFIG_671B))
+    from nanoseek.config import preset
+    preset("tiny").save(tmp_path / "run")
+    lo = Layout(pp=16, ep=64, schedule="dualpipe", global_batch=15360, precision="fp8", recompute="selective",
+                activations="v3", mtp=False)
+    ours = plan_training(str(tmp_path / "ds" / "config_671B.json"), H800, lo)
+    bundled = plan_training("deepseek-v3", H800, lo)
+    assert ours["time"]["step_s"] == pytest.approx(bundled["time"]["step_s"])
+    assert ours["memory"]["peak_bytes"] == pytest.approx(bundled["memory"]["peak_bytes"])
+    for model in ("tiny", str(tmp_path / "run"), str(tmp_path / "run" / "config.json")):
+        assert main(["plan", model, "--seq-len", "256", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["memory"]["fits"]
+    assert main(["plan", "qwen2.5-72b", "--json"]) == 0  # 72B on 8 GPUs without sharding the weights: no
+    assert not json.loads(capsys.readouterr().out)["memory"]["fits"]
+
+
 def test_bubble_formulas():
     f, b, w, fb = 1.0, 2.0, 1.0, 3.0
     assert bubble("1f1b", 16, 2, f, b, w, fb) == 15 * 3
@@ -100,7 +131,8 @@ def test_recompute_trades_memory_for_time():
 
 
 def test_sweep_lists_feasible_layouts_fastest_first():
-    s = sweep("deepseek-v2-lite", cluster("H100", 16), Layout(global_batch=64, seq_len=4096), top=50)
+    s = sweep("deepseek-v2-lite", cluster("H100", 16), Layout(global_batch=64, seq_len=4096), top=50,
+              schedules=("1f1b", "dualpipev"))
     steps = [r["time"]["step_s"] for r in s["top"]]
     assert s["feasible"] > 0 and steps == sorted(steps)
     assert all(r["memory"]["fits"] for r in s["top"])
@@ -132,6 +164,8 @@ def test_cli_text_and_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["budget"]["usd"] == pytest.approx(2 * data["budget"]["gpu_hours"])
     assert len(data["assumptions"]) >= 10 and data["layout"]["schedule"] == "dualpipe"
+    assert main(["plan", "deepseek-v2-lite", "--gpu", "H100", "--gpus", "16", "--ep", "8", "--precision", "bf16"]) == 0
+    assert "MFU (bf16 peak)" in capsys.readouterr().out
     assert main(["plan", "deepseek-v3", "llama-3.1-405b", "--serve", "--gpu", "H200", "--json"]) == 0
     assert [r["kv_bytes_per_token"] for r in json.loads(capsys.readouterr().out)] == [70272, 516096]
 
@@ -160,6 +194,9 @@ def test_cli_text_and_json(capsys):
     (["plan", "tiny", "--v3"], "name no model"),
     (["plan", "tiny", "--gpus", "8", "--pp", "3", "--schedule", "dualpipe"], "does not divide"),
     (["plan", "tiny", "--gpus", "6", "--pp", "3", "--schedule", "dualpipe"], "even --pp"),
+    (["plan", "--calibrate", "--batch", "0"], "invalid setting `--batch`"),
+    (["plan", "llama-3.1-405b", "--calibrate"], "trains a nanoseek (DeepSeek-V3 family) model"),
+    (["plan", "tiny", "--split", "random"], "invalid setting `--split`"),
 ])
 def test_bad_input_is_one_error_line(capsys, argv, message):
     assert main(argv) == 2

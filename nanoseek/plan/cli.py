@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--virtual-stages", type=int, default=2, help="chunks per device, interleaved_1f1b (2)")
     lo.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (1)")
     lo.add_argument("--global-batch", type=int, help="sequences per step (default: the fewest the schedule needs)")
-    lo.add_argument("--seq-len", type=int, default=4096)
+    lo.add_argument("--seq-len", type=int, help="tokens per sequence (4096; --calibrate: 256)")
     lo.add_argument("--precision", default="bf16", help="|".join(RECIPES) + " (bf16)")
     lo.add_argument("--recompute", default="none", help="|".join(RECOMPUTE) + " (none)")
     lo.add_argument("--activations", default="nanoseek", help="|".join(ACTIVATION_PROFILES) + " (nanoseek)")
@@ -87,7 +87,7 @@ def _cluster(args: argparse.Namespace):
 def _layout(args: argparse.Namespace) -> Layout:
     return Layout(pp=args.pp, ep=args.ep, dp_shard=args.dp_shard, zero=args.zero, schedule=args.schedule,
                   virtual_stages=args.virtual_stages, micro_batch=args.micro_batch, global_batch=args.global_batch,
-                  seq_len=args.seq_len, precision=args.precision, recompute=args.recompute,
+                  seq_len=4096 if args.seq_len is None else args.seq_len, precision=args.precision, recompute=args.recompute,
                   node_limit=args.node_limit, mtp=not args.no_mtp, activations=args.activations,
                   attention=args.attention, split=args.split)
 
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         if len(args.models) > 1:
             raise UserError("--calibrate runs one model")
-        result = calibrate(args.models[0] if args.models else "small", seq_len=args.seq_len, batch=args.batch,
-                           steps=args.steps)
+        result = calibrate(args.models[0] if args.models else "small",
+                           seq_len=256 if args.seq_len is None else args.seq_len, batch=args.batch, steps=args.steps)
         _print(args, result, calibration_text(result))
         return 0
     if not args.models:

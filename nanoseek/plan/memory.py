@@ -44,8 +44,7 @@ def micro_batches_held(r: Resolved, device: int) -> float:
     return (2 * pp + 1) / 2  # dualpipev: 2pp + 1 chunks, each half of the device's layers
 
 
-def device_memory(bl: list[Block], r: Resolved, p: Precision, cl: Cluster, reserve_gb: float,
-                  device: int) -> dict[str, float]:
+def device_memory(bl: list[Block], r: Resolved, p: Precision, reserve_gb: float, device: int) -> dict[str, float]:
     """Bytes on device `device` by category; `total` and `fits`."""
     lo = r.layout
     mine = [i for c in r.device_chunks[device] for i in r.chunk_blocks[c]]
@@ -65,8 +64,9 @@ def device_memory(bl: list[Block], r: Resolved, p: Precision, cl: Cluster, reser
         kept = sum(_layer_input(bl[i], sizes) for i in mine)
         transient = max((act_bytes_per_token(bl[i], "none", sizes, profile=lo.activations) for i in mine),
                         default=0.0)
-        per_mb = kept * tokens
-        acts = held * per_mb + transient * tokens
+        if lo.schedule == "dualpipe":  # pp + 1 micro-batches of a stage: the two stages' mean
+            kept /= 2
+        acts = held * kept * tokens + transient * tokens
     else:
         per_token = sum(act_bytes_per_token(bl[i], lo.recompute, sizes, profile=lo.activations) for i in mine)
         if lo.schedule == "dualpipe":  # pp + 1 micro-batches of a stage: the two stages' mean
@@ -104,7 +104,7 @@ def _layer_input(b: Block, sizes: dict[str, float]) -> float:
 
 def memory(bl: list[Block], r: Resolved, p: Precision, cl: Cluster, reserve_gb: float) -> dict[str, Any]:
     """Every device's memory; the worst one decides whether the layout fits."""
-    devices = [device_memory(bl, r, p, cl, reserve_gb, d) for d in range(r.layout.pp)]
+    devices = [device_memory(bl, r, p, reserve_gb, d) for d in range(r.layout.pp)]
     worst = max(range(len(devices)), key=lambda d: devices[d]["total"])
     return {"worst_device": worst, "per_device": devices, "peak_bytes": devices[worst]["total"],
             "hbm_bytes": cl.hbm_bytes, "fits": devices[worst]["total"] <= cl.hbm_bytes}

@@ -39,10 +39,12 @@ def candidates(model: Any, cl: Cluster, base: Layout, schedules: tuple[str, ...]
     return out
 
 
-def sweep(model: Any, cl: Cluster, base: Layout, *, top: int = 20, **plan_kwargs: Any) -> dict[str, Any]:
-    """Feasible layouts by step time (fastest first), and how many were tried and refused."""
+def sweep(model: Any, cl: Cluster, base: Layout, *, top: int = 20, schedules: tuple[str, ...] = SCHEDULES,
+          zeros: tuple[int, ...] = (1, 3), recomputes: tuple[str, ...] = RECOMPUTE, **plan_kwargs: Any) -> dict[str, Any]:
+    """Feasible layouts by step time (fastest first), and how many were tried and refused. The sweep
+    varies pp, ep, the schedule, the ZeRO stage and recomputation; everything else comes from `base`."""
     rows, invalid, too_big = [], 0, 0
-    for layout in candidates(model, cl, base):
+    for layout in candidates(model, cl, base, schedules, zeros, recomputes):
         try:
             result = plan_training(model, cl, layout, **plan_kwargs)
         except UserError:
