@@ -16,7 +16,7 @@ from typing import Any
 
 from nanoseek.plan.blocks import Block, act_bytes_per_token
 from nanoseek.plan.cluster import Cluster
-from nanoseek.plan.layout import Resolved
+from nanoseek.plan.layout import DUAL, Resolved
 from nanoseek.plan.precision import Precision
 
 DP_BUCKET_BYTES = 2 * 25e6  # two gradient buckets in flight (torch DDP's default bucket: 25 MB)
@@ -44,55 +44,72 @@ def micro_batches_held(r: Resolved, device: int) -> float:
     return (2 * pp + 1) / 2  # dualpipev: 2pp + 1 chunks, each half of the device's layers
 
 
-def device_memory(bl: list[Block], r: Resolved, p: Precision, reserve_gb: float, device: int) -> dict[str, float]:
-    """Bytes on device `device` by category; `total` and `fits`."""
+def _device_blocks(r: Resolved, device: int) -> list[int]:
+    return [i for c in r.device_chunks[device] for i in r.chunk_blocks[c]]
+
+
+def state_bytes(bl: list[Block], r: Resolved, p: Precision, mine: list[int]) -> dict[str, float]:
+    """Weights, gradients and optimizer state (master + two moments), sharded as the ZeRO stage says."""
     lo = r.layout
-    mine = [i for c in r.device_chunks[device] for i in r.chunk_blocks[c]]
     dense = sum(bl[i].dense_params for i in mine)
     expert = sum(bl[i].expert_params for i in mine) / lo.ep
-    params = dense + expert
-    sharded = dense / r.dp_shard + expert / r.expert_shard  # this device's share when a piece is sharded
-    state = {
-        "weights": (sharded if lo.zero >= 3 else params) * p.weight_bytes,
-        "gradients": (sharded if lo.zero >= 2 else params) * p.grad_bytes,
-        "optimizer": (sharded if lo.zero >= 1 else params) * (p.master_bytes + 2 * p.moment_bytes),
+    full = dense + expert
+    sharded = dense / r.dp_shard + expert / r.expert_shard  # this device's share of a sharded piece
+    return {
+        "weights": (sharded if lo.zero >= 3 else full) * p.weight_bytes,
+        "gradients": (sharded if lo.zero >= 2 else full) * p.grad_bytes,
+        "optimizer": (sharded if lo.zero >= 1 else full) * (p.master_bytes + 2 * p.moment_bytes),
     }
+
+
+def activation_bytes(bl: list[Block], r: Resolved, p: Precision, mine: list[int], held: float) -> dict[str, float]:
+    """Activations of `held` micro-batches, the loss's for one, and the backward's workspace."""
+    lo = r.layout
     tokens = lo.micro_batch * lo.seq_len
     sizes = act_sizes(p, lo.activations)
-    held = micro_batches_held(r, device)
+    kept_mode = "none" if lo.recompute == "full" else lo.recompute
+    per_block = {i: act_bytes_per_token(bl[i], kept_mode, sizes, profile=lo.activations) for i in mine}
+    largest = max(per_block.values(), default=0.0)
     if lo.recompute == "full":  # each layer keeps its input; one layer's full set lives during its recompute
-        kept = sum(_layer_input(bl[i], sizes) for i in mine)
-        transient = max((act_bytes_per_token(bl[i], "none", sizes, profile=lo.activations) for i in mine),
-                        default=0.0)
-        if lo.schedule == "dualpipe":  # pp + 1 micro-batches of a stage: the two stages' mean
-            kept /= 2
-        acts = held * kept * tokens + transient * tokens
+        per_token, transient = sum(_layer_input(bl[i], sizes) for i in mine), largest
     else:
-        per_token = sum(act_bytes_per_token(bl[i], lo.recompute, sizes, profile=lo.activations) for i in mine)
-        if lo.schedule == "dualpipe":  # pp + 1 micro-batches of a stage: the two stages' mean
-            per_token /= 2
-        acts = held * per_token * tokens
-    loss = max((act_bytes_per_token(bl[i], "none", sizes, loss=True) for i in mine), default=0.0) * tokens
+        per_token, transient = sum(per_block.values()), 0.0
+    if lo.schedule == "dualpipe":  # pp + 1 micro-batches of a stage: the mean of the device's two stages
+        per_token /= 2
+    loss = max((act_bytes_per_token(bl[i], "none", sizes, loss=True) for i in mine), default=0.0)
     # the backward materialises the gradient of each kept activation of the block it is in: one block's
     # worth at a time (the largest), plus the logits' gradient (fp32) on the device with the loss
     vocab = max((a.elements for i in mine for a in bl[i].acts if a.loss), default=0.0)
-    workspace = (max((act_bytes_per_token(bl[i], lo.recompute if lo.recompute != "full" else "none", sizes,
-                                          profile=lo.activations) for i in mine), default=0.0) + 4 * vocab) * tokens
+    return {"activations": (held * per_token + transient) * tokens, "loss (logits, log-probs)": loss * tokens,
+            "backward workspace": (largest + 4 * vocab) * tokens}
+
+
+def buffer_bytes(bl: list[Block], r: Resolved, p: Precision, mine: list[int]) -> dict[str, float]:
+    """Communication buffers: one micro-batch's expert dispatch/combine (two in flight when DualPipe
+    overlaps them), pipeline send/recv, data-parallel buckets or FSDP's gathered weights (two blocks)."""
+    lo = r.layout
+    tokens = lo.micro_batch * lo.seq_len
     d, k = bl[0].hidden, max(b.top_k for b in bl)
-    has_moe = any(bl[i].moe for i in mine)
-    buffers = {
-        "EP dispatch/combine buffers": (tokens * k * d * (p.dispatch_bytes + p.combine_bytes)
-                                        * (2 if lo.schedule in ("dualpipe", "dualpipev") else 1)
-                                        if lo.ep > 1 and has_moe else 0.0),
-        "PP send/recv buffers": 2 * 2 * tokens * d * p.act_bytes if lo.pp > 1 else 0.0,
-        "DP buckets / FSDP gathers": (2 * max(bl[i].dense_params + bl[i].expert_params / lo.ep for i in mine)
-                                      * p.weight_bytes if lo.zero >= 3 else DP_BUCKET_BYTES if r.dp > 1 else 0.0),
-    }
-    out = {**state, "activations": acts, "loss (logits, log-probs)": loss, "backward workspace": workspace,
-           **buffers,
+    a2a = 0.0
+    if lo.ep > 1 and any(bl[i].moe for i in mine):
+        a2a = tokens * k * d * (p.dispatch_bytes + p.combine_bytes) * (2 if lo.schedule in DUAL else 1)
+    if lo.zero >= 3:
+        dp = 2 * max(bl[i].dense_params + bl[i].expert_params / lo.ep for i in mine) * p.weight_bytes
+    else:
+        dp = DP_BUCKET_BYTES if r.dp > 1 else 0.0
+    return {"EP dispatch/combine buffers": a2a,
+            "PP send/recv buffers": 2 * 2 * tokens * d * p.act_bytes if lo.pp > 1 else 0.0,
+            "DP buckets / FSDP gathers": dp}
+
+
+def device_memory(bl: list[Block], r: Resolved, p: Precision, reserve_gb: float, device: int) -> dict[str, float]:
+    """Bytes on device `device` by category, their `total`, and the parameters and micro-batches it holds."""
+    mine = _device_blocks(r, device)
+    held = micro_batches_held(r, device)
+    out = {**state_bytes(bl, r, p, mine), **activation_bytes(bl, r, p, mine, held), **buffer_bytes(bl, r, p, mine),
            "reserve (CUDA context, NCCL, fragmentation)": reserve_gb * 1e9}
     out["total"] = sum(out.values())
-    out["params_on_device"] = params
+    out["params_on_device"] = sum(bl[i].dense_params + bl[i].expert_params / r.layout.ep for i in mine)
     out["micro_batches_held"] = held
     return out
 

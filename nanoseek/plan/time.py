@@ -51,35 +51,42 @@ def all_to_all_bytes(r: Resolved, d: int, k: int, p: Precision) -> dict[str, flo
             "network_bwd": remote * bwd_per_copy, "nvlink_bwd": local * bwd_per_copy}
 
 
+def compute_seconds(mine: list[Block], recompute: str, low: float, high: float) -> dict[str, float]:
+    """Per token: forward F, its weight-gradient part W, and the recomputation the backward adds."""
+    f = sum(b.gemm_flops / low + (b.high_mm_flops + b.core_flops) / high for b in mine)
+    w = sum(b.gemm_flops / low + b.high_mm_flops / high for b in mine)
+    extra = 0.0
+    if recompute == "selective":
+        extra = sum(b.recompute_flops for b in mine) / low
+    elif recompute == "full":
+        extra = sum(b.gemm_flops / low + (b.high_mm_flops + b.core_flops) / high for b in mine if b.layer)
+    return {"F": f, "W": w, "recompute": extra}
+
+
+def produced_bytes(mine: list[Block], p: Precision, profile: str) -> float:
+    """Per token: every activation the forward produces (kept for the backward or not)."""
+    sizes = act_sizes(p, profile)
+    return sum(act_bytes_per_token(b, "none", sizes) + act_bytes_per_token(b, "none", sizes, loss=True) for b in mine)
+
+
 def chunk_times(bl: list[Block], blocks_in: tuple[int, ...], r: Resolved, cl: Cluster, p: Precision,
                 gemm_efficiency: float, bw_efficiency: float) -> dict[str, float]:
-    """F, B, W and the all-to-all (forward, backward) of one micro-batch on one chunk, in seconds."""
+    """F, B, W, the memory-bound part of F + B, and the all-to-all (forward, backward) of one
+    micro-batch on one chunk, in seconds."""
     lo = r.layout
-    low, high = rates(cl, p, gemm_efficiency)
     tokens = lo.micro_batch * lo.seq_len
     mine = [bl[i] for i in blocks_in]
-    f = sum(b.gemm_flops / low + (b.high_mm_flops + b.core_flops) / high for b in mine) * tokens
-    w = sum(b.gemm_flops / low + b.high_mm_flops / high for b in mine) * tokens
-    extra = 0.0
-    if lo.recompute == "selective":
-        extra = sum(b.recompute_flops for b in mine) / low * tokens
-    elif lo.recompute == "full":
-        extra = sum(b.gemm_flops / low + (b.high_mm_flops + b.core_flops) / high for b in mine if b.layer) * tokens
-    hbm = cl.hbm_tb_s * 1e12 * bw_efficiency
-    sizes = act_sizes(p, lo.activations)
-    produced = sum(act_bytes_per_token(b, "none", sizes) + act_bytes_per_token(b, "none", sizes, loss=True)
-                   for b in mine) * tokens  # everything the forward produces, kept or not
-    f += 2 * produced / hbm
-    extra_mem = 3 * produced / hbm
-    moe = sum(1 for b in mine if b.moe)
-    k = max((b.top_k for b in mine), default=0)
-    a2a = all_to_all_bytes(r, mine[0].hidden if mine else 0, k, p)
+    c = compute_seconds(mine, lo.recompute, *rates(cl, p, gemm_efficiency))
+    memory = produced_bytes(mine, p, lo.activations) / (cl.hbm_tb_s * 1e12 * bw_efficiency)
+    f = (c["F"] + 2 * memory) * tokens
+    b = (2 * c["F"] + c["recompute"] + 3 * memory) * tokens
+    moe = sum(1 for blk in mine if blk.moe)
+    a2a = all_to_all_bytes(r, mine[0].hidden, max(blk.top_k for blk in mine), p)
     net, nvl = cl.internode_gb_s * 1e9 * bw_efficiency, cl.nvlink_gb_s * 1e9 * bw_efficiency
-    c_f = moe * tokens * max(a2a["network_fwd"] / net, a2a["nvlink_fwd"] / nvl)
-    c_b = moe * tokens * max(a2a["network_bwd"] / net, a2a["nvlink_bwd"] / nvl)
-    f_gemm = f - 2 * produced / hbm
-    return {"F": f, "B": 2 * f_gemm + extra_mem + extra, "W": w, "recompute": extra, "comm_fwd": c_f, "comm_bwd": c_b,
-            "memory_bound": 5 * produced / hbm}
+    return {"F": f, "B": b, "W": c["W"] * tokens, "recompute": c["recompute"] * tokens,
+            "memory_bound": 5 * memory * tokens,
+            "comm_fwd": moe * tokens * max(a2a["network_fwd"] / net, a2a["nvlink_fwd"] / nvl),
+            "comm_bwd": moe * tokens * max(a2a["network_bwd"] / net, a2a["nvlink_bwd"] / nvl)}
 
 
 def device_times(chunks: list[dict[str, float]], dualpipe: bool) -> dict[str, float]:
