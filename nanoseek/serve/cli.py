@@ -78,8 +78,13 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, device)
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, device)
+    except BaseException:
+        sock.close()
+        raise
     if args.speculative and not len(model.mtp):
+        sock.close()
         raise UserError(f"--speculative needs an MTP module, and {args.model} has none "
                         "(num_nextn_predict_layers = 0, or a checkpoint saved by transformers)")
     name = args.served_model_name or Path(args.model).resolve().name
