@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,29 +20,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nprocs: int, timeout: float, env: dict | None = None) -> list[tuple[int, str]]:
-    """Run `python <args>` as ranks 0..nprocs-1; returns (returncode, stdout+stderr) per rank. Raises
-    TimeoutError (after killing them all) when they are not done within `timeout` seconds."""
+def launch(args: list[str], nprocs: int, timeout: float, kill_rank: int | None = None,
+           kill_when: Path | None = None) -> list[tuple[int, str]]:
+    """Run `python <args>` as ranks 0..nprocs-1; returns (returncode, output) per rank. With `kill_rank`,
+    that rank is SIGKILLed as soon as the path `kill_when` exists (a crashed machine). Raises TimeoutError,
+    after killing every child, when they are not all done within `timeout` seconds."""
     port = free_port()
-    procs = []
+    procs, logs = [], []
     for rank in range(nprocs):
-        child_env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
-                     "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                     "OMP_NUM_THREADS": "1", "NANOSEEK_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT),
-                     **(env or {})}
-        procs.append(subprocess.Popen([sys.executable, *args], env=child_env, cwd=ROOT, stdout=subprocess.PIPE,
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
+               "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "NANOSEEK_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+        log = tempfile.TemporaryFile("w+")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=log,
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{nprocs} processes still running after {timeout:.0f}s (hung collective?)")
+            if kill_rank is not None and kill_when.exists() and procs[kill_rank].poll() is None:
+                procs[kill_rank].kill()
+            time.sleep(0.05)
         outputs = []
-        for p in procs:
-            out, _ = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            outputs.append((p.returncode, out))
+        for p, log in zip(procs, logs):
+            log.seek(0)
+            outputs.append((p.returncode, log.read()))
         return outputs
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"{nprocs} processes still running after {timeout:.0f}s (hung collective?)") from None
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for log in logs:
+            log.close()

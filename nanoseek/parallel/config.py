@@ -42,6 +42,11 @@ class ParallelConfig:
         return self.pp * self.dp_shard * self.ep
 
     @property
+    def data_parallel(self) -> int:
+        """Ranks of one pipeline stage: each reads its own part of the batch."""
+        return self.dp_shard * self.ep
+
+    @property
     def enabled(self) -> bool:
         return self.world_size > 1
 

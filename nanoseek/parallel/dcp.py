@@ -1,0 +1,86 @@
+"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP): every rank writes its own shards of
+the weights and of the optimizer state, in parallel, with no full copy anywhere.
+
+A checkpoint directory holds `dcp/` (DCP's `.metadata` + one `.distcp` file per rank), whatever the trainer
+adds through `write_extra` (rank 0: step, data position, RNG...), and `checksums.json` (sha256 of every
+file), written last. The directory is filled under a hidden temporary name and renamed into place by rank 0
+after every rank has finished, so a crash mid-save never leaves a directory under a real name: the
+rename is the completion marker, and the checksums catch later damage.
+
+DCP records global shapes and each shard's offsets, so a checkpoint loads at another world size or layout
+(resharding): FSDP shards and EP expert shards are re-cut on load. The final model is gathered from the
+shards to rank 0 (`full_model_state`) and written in the usual HF format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from nanoseek.files import file_sha256, fsync_dir, fsync_file
+
+CHECKSUMS = "checksums.json"
+SHARDS = "dcp"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 write_extra: Callable[[Path], None]) -> Path:
+    """Every rank: write checkpoint `final` (model + optimizer shards); rank 0 adds `write_extra(tmp)`
+    and the checksums, then renames the finished directory into place."""
+    tmp = final.with_name(f".{final.name}.dist.tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
+    dist.barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        write_extra(tmp)
+        for f in _files(tmp):
+            fsync_file(f)
+        sums = {str(f.relative_to(tmp)): file_sha256(f) for f in _files(tmp)}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        fsync_file(tmp / CHECKSUMS)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    dist.barrier()
+    return final
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / SHARDS / ".metadata").is_file()
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank: read checkpoint `path` into the (already parallelized) model and optimizer, whatever
+    the layout it was saved with."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path / SHARDS)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank: gather the full (unsharded) weights; rank 0 gets them on CPU, the others an empty dict."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

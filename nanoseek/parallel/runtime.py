@@ -1,0 +1,121 @@
+"""`ParallelRuntime`: what a training loop needs from the mesh, in one object.
+
+The trainer (nanoseek.train.core) holds one when `parallel.*` asks for more than one process, and calls
+it at the few places where a multi-process step differs from a single-process one: laying out the model,
+finishing the gradients, agreeing on skipped steps, averaging the logged metrics, checkpoints and the
+final export. Everything else (the loss, the optimizer, the schedule) is the single-process code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from nanoseek.parallel import dcp
+from nanoseek.parallel.config import ParallelConfig
+from nanoseek.parallel.mesh import ParallelContext, init_parallel, shutdown
+from nanoseek.parallel.parallelize import finish_gradients, parallelize
+from nanoseek.parallel.traffic import TrafficMeter
+
+
+class ParallelRuntime:
+    def __init__(self, ctx: ParallelContext):
+        self.ctx = ctx
+        self.meter = TrafficMeter()
+
+    @classmethod
+    def start(cls, cfg: ParallelConfig, device: torch.device) -> "ParallelRuntime":
+        """Create the process group and the mesh (cfg validated by the caller)."""
+        return cls(init_parallel(cfg, device))
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def dp_rank(self) -> int:
+        return self.ctx.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.ctx.dp_size
+
+    # ------------------------------------------------------------------ a step
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return parallelize(model, self.ctx, self.meter)
+
+    def finish_gradients(self, model: nn.Module, max_norm: float) -> float:
+        return finish_gradients(model, self.ctx, max_norm)
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (a step is skipped everywhere or nowhere)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() == 1.0)
+
+    @torch.no_grad()
+    def local_finite(self, model: nn.Module) -> bool:
+        """Whether this rank's shards of the weights and the buffers are all finite (combine with
+        `all_true`)."""
+        tensors = [*model.parameters(), *model.buffers()]
+        return all(bool(torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all())
+                   for t in tensors if t.is_floating_point())
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Scalar metrics averaged over the data-parallel ranks (each saw its own part of the batch)."""
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not keys:
+            return metrics
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {**metrics, **{k: float(v) / self.ctx.world_size for k, v in zip(keys, t.tolist())}}
+
+    def traffic_metrics(self, tokens: int) -> dict[str, float]:
+        """The EP all-to-all dispatch bytes of the step, summed over ranks, per place and per token
+        (combine sends as many back), and the most nodes any token's experts spanned."""
+        if self.ctx.cfg.ep == 1:
+            return {}
+        t = self.meter.take()
+        places = ("self_bytes", "intra_node_bytes", "cross_node_bytes", "cross_node_dedup_bytes")
+        sums = torch.tensor([t.get(k, 0.0) for k in places], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        most = torch.tensor([t.get("max_nodes_per_token", 0.0)], device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        out = {f"a2a_{k}": float(v) for k, v in zip(places, sums.tolist())}
+        out.update({f"a2a_{k.removesuffix('_bytes')}_bytes_per_token": float(v) / max(1, tokens)
+                    for k, v in zip(places, sums.tolist())})
+        out["a2a_max_nodes_per_token"] = float(most.item())
+        return out
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def save(self, final: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             write_extra: Callable[[Path], None]) -> Path:
+        return dcp.save_sharded(final, model, optimizer, write_extra)
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        dcp.load_sharded(path, model, optimizer)
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return dcp.full_model_state(model)
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every rank (e.g. whether a checkpoint was found)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.broadcast(t, 0)
+        return bool(t.item() == 1.0)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        shutdown()
