@@ -197,6 +197,7 @@ def test_cli_text_and_json(capsys):
     (["plan", "--calibrate", "--batch", "0"], "invalid setting `--batch`"),
     (["plan", "llama-3.1-405b", "--calibrate"], "trains a nanoseek (DeepSeek-V3 family) model"),
     (["plan", "tiny", "--split", "random"], "invalid setting `--split`"),
+    (["plan", "deepseek-v3", "--calibrate"], "more than half of this machine"),
 ])
 def test_bad_input_is_one_error_line(capsys, argv, message):
     assert main(argv) == 2

@@ -40,15 +40,16 @@ TIME_TARGET = 0.30    # and step time within 30%
 
 
 def _best_seconds(fn, reps: int) -> float:
-    """The fastest of `reps` runs after a warm-up: on a shared machine the minimum is the run least
-    disturbed by other processes (the same rule is used for the measured training step)."""
+    """The fastest of `reps` runs after a warm-up, in CPU seconds of this process: on a machine shared
+    with other jobs, wall-clock time also counts the time spent waiting for a core, CPU time does not
+    (one thread: they agree on an idle machine). The training step is measured the same way."""
     fn()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        times.append(time.process_time() - t0)
+    return max(min(times), 1e-9)
 
 
 def gemm_flops_per_s(m: int, k: int, n: int, reps: int = 3) -> float:
@@ -61,7 +62,7 @@ def gemm_flops_per_s(m: int, k: int, n: int, reps: int = 3) -> float:
 
 
 def memory_bytes_per_s(nbytes: int = 64 << 20, reps: int = 5) -> float:
-    """Bytes per second one thread moves copying a large fp32 tensor (read + write), best of `reps`."""
+    """Bytes per CPU second one thread moves copying a large fp32 tensor (read + write), best of `reps`."""
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
     return 2 * nbytes / _best_seconds(lambda: dst.copy_(src), reps)
@@ -187,8 +188,8 @@ def _rss(field: str) -> float:
 
 def measure_step(config: dict[str, Any], batch: int, seq_len: int, steps: int) -> dict[str, Any]:
     """Run in a fresh process: build the model, train `steps` + 1 steps (the first allocates the AdamW
-    moments and is not timed), return step times (`step_s` = the fastest, as for the GEMM rates) and
-    the peak RSS above the pre-model baseline."""
+    moments and is not timed), return step times (`step_s`: the fastest in CPU seconds, as for the
+    GEMM rates; wall-clock times too) and the peak RSS above the pre-model baseline."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     torch.ones(64, 64) @ torch.ones(64, 64)
@@ -211,15 +212,17 @@ def measure_step(config: dict[str, Any], batch: int, seq_len: int, steps: int) -
             out = m(ids, labels=ids)
             return out.loss, {}
 
-        times = []
+        cpu, wall = [], []
         for i in range(steps + 1):
-            t0 = time.perf_counter()
+            t0, w0 = time.process_time(), time.perf_counter()
             trainer.train_step(source, loss_fn)
             if i:
-                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - t0)
+                wall.append(time.perf_counter() - w0)
     peak = _rss("VmHWM")
-    return {"baseline_rss": baseline, "peak_rss": peak, "peak_above_baseline": peak - baseline,
-            "hwm_reset": reset, "step_times": times, "step_s": min(times), "step_s_median": statistics.median(times)}
+    return {"baseline_rss": baseline, "peak_rss": peak, "peak_above_baseline": peak - baseline, "hwm_reset": reset,
+            "step_cpu_times": cpu, "step_s": min(cpu), "step_s_median": statistics.median(cpu),
+            "step_wall_times": wall, "step_wall_s": min(wall)}
 
 
 def _child_main() -> None:
@@ -236,14 +239,32 @@ def _config(spec: str) -> dict[str, Any]:
     return ModelConfig.from_dict(raw).to_dict()
 
 
-def calibrate(model: str = "small", *, seq_len: int = 256, batch: int = 4, steps: int = 5,
-              collective: bool = True) -> dict[str, Any]:
-    require(batch >= 1, "--batch", batch, "a positive integer")
-    require(1 <= steps <= 50, "--steps", steps, "an integer in [1, 50]")
-    config = _config(model)
-    require(2 <= seq_len <= config["max_position_embeddings"], "--seq-len", seq_len,
-            f"in [2, max_position_embeddings={config['max_position_embeddings']}] for --calibrate")
-    cfg = ModelConfig.from_dict(config)
+def cpu_cluster(gemm_rate: float, memory_bw: float, bus: float | None) -> Cluster:
+    """This machine as a one-"GPU" cluster: the measured rates are the achieved ones (efficiency 1)."""
+    return Cluster("this CPU (1 thread)", 1, 1, 1e6, memory_bw / 1e12, {"fp32": gemm_rate / 1e12}, 1, 0, 1.0,
+                   (bus or 1e9) / 1e9, None, "measured by nanoseek plan --calibrate")
+
+
+def predict(config: dict[str, Any], cl: Cluster, batch: int, seq_len: int, name: str) -> dict[str, Any]:
+    """The planner's plan of one fp32 training step on `cl`: one device, ZeRO-0, no reserve, torch's
+    CPU attention (the math kernel)."""
+    layout = Layout(pp=1, ep=1, zero=0, micro_batch=batch, global_batch=batch, seq_len=seq_len, precision="fp32",
+                    activations="nanoseek", attention="math")
+    return plan_training(config, cl, layout, gemm_efficiency=1.0, bw_efficiency=1.0, reserve_gb=0.0, name=name)
+
+
+def check_fits_this_machine(plan: dict[str, Any]) -> None:
+    """Refuse a model whose predicted training step needs more than half of this machine's memory."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = plan["memory"]["peak_bytes"]
+    if need > ram / 2:
+        raise UserError(f"--calibrate would train {plan['model']} here: predicted {need / 1e9:,.1f} GB, more than half "
+                        f"of this machine's {ram / 1e9:,.1f} GB; calibrate with a small model (tiny, small, bench)")
+
+
+def measure_machine(cfg: ModelConfig, batch: int, seq_len: int, collective: bool) -> dict[str, Any]:
+    """Matmul rates at every GEMM shape of the model, the copy bandwidth (one thread each), and a gloo
+    all-reduce between two local processes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -251,36 +272,48 @@ def calibrate(model: str = "small", *, seq_len: int = 256, batch: int = 4, steps
         memory_bw = memory_bytes_per_s()
     finally:
         torch.set_num_threads(threads)
-    # the rate the model's FLOPs run at if each GEMM kind runs at its measured speed (FLOP-weighted harmonic mean)
+    # the rate the model's FLOPs run at when each GEMM runs at its measured speed (FLOP-weighted harmonic mean)
     rate = sum(f for f, _ in gemm.values()) / sum(f / r for f, r in gemm.values())
-    gemm = {name: r for name, (_, r) in gemm.items()}
-    bus = all_reduce_bytes_per_s() if collective else None
+    return {"gemm_flops_per_s": {name: r for name, (_, r) in gemm.items()}, "gemm_rate_used": rate,
+            "memory_bytes_per_s": memory_bw, "collective_measured": collective,
+            "gloo_all_reduce_bytes_per_s": all_reduce_bytes_per_s() if collective else None}
+
+
+def run_steps(config: dict[str, Any], batch: int, seq_len: int, steps: int) -> dict[str, Any]:
+    """`measure_step` in a fresh process (its peak RSS is then the training's alone)."""
     child = subprocess.run([sys.executable, "-c", "from nanoseek.plan.calibrate import _child_main; _child_main()",
                             json.dumps({"config": config, "batch": batch, "seq_len": seq_len, "steps": steps})],
                            capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_NO_PROGRESS": "1"})
     if child.returncode != 0:
         raise UserError(f"the calibration step failed: {child.stderr.strip().splitlines()[-1:]}")
-    measured = json.loads(child.stdout.strip().splitlines()[-1])
-    cpu = Cluster("this CPU (1 thread)", 1, 1, 1e6, memory_bw / 1e12, {"fp32": rate / 1e12}, 1, 0, 1.0,
-                  (bus or 1e9) / 1e9, None, "measured by nanoseek plan --calibrate")
-    layout = Layout(pp=1, ep=1, zero=0, micro_batch=batch, global_batch=batch, seq_len=seq_len, precision="fp32",
-                    activations="nanoseek", attention="math")
-    plan = plan_training(config, cpu, layout, gemm_efficiency=1.0, bw_efficiency=1.0, reserve_gb=0.0, name=model)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def calibrate(model: str = "small", *, seq_len: int = 256, batch: int = 4, steps: int = 5,
+              collective: bool = True) -> dict[str, Any]:
+    """Measure this machine, run real training steps of `model`, and compare with the planner."""
+    require(batch >= 1, "--batch", batch, "a positive integer")
+    require(1 <= steps <= 50, "--steps", steps, "an integer in [1, 50]")
+    config = _config(model)
+    require(2 <= seq_len <= config["max_position_embeddings"], "--seq-len", seq_len,
+            f"in [2, max_position_embeddings={config['max_position_embeddings']}] for --calibrate")
+    check_fits_this_machine(predict(config, cpu_cluster(1e9, 1e9, None), batch, seq_len, model))
+    machine = measure_machine(ModelConfig.from_dict(config), batch, seq_len, collective)
+    measured = run_steps(config, batch, seq_len, steps)
+    bus = machine["gloo_all_reduce_bytes_per_s"]
+    plan = predict(config, cpu_cluster(machine["gemm_rate_used"], machine["memory_bytes_per_s"], bus),
+                   batch, seq_len, model)
     dev = plan["memory"]["per_device"][0]
-    predicted_mem = dev["total"]
-    predicted_time = plan["time"]["step_s"]
-    mem_err = predicted_mem / measured["peak_above_baseline"] - 1
-    time_err = predicted_time / measured["step_s"] - 1
-    params = dev["params_on_device"]
+    mem_err = dev["total"] / measured["peak_above_baseline"] - 1
+    time_err = plan["time"]["step_s"] / measured["step_s"] - 1
     return {
-        "model": model, "batch": batch, "seq_len": seq_len, "threads": 1,
-        "gemm_flops_per_s": gemm, "gemm_rate_used": rate, "memory_bytes_per_s": memory_bw,
-        "gloo_all_reduce_bytes_per_s": bus, "collective_measured": collective,
-        "predicted_dp_sync_2_processes_s": None if bus is None else 4 * params / bus,
-        "predicted": {"peak_bytes": predicted_mem, "step_s": predicted_time,
+        "model": model, "batch": batch, "seq_len": seq_len, "threads": 1, **machine,
+        # a 2-process data-parallel step would all-reduce the fp32 gradients: each rank sends them once
+        "predicted_dp_sync_2_processes_s": None if bus is None else 4 * dev["params_on_device"] / bus,
+        "predicted": {"peak_bytes": dev["total"], "step_s": plan["time"]["step_s"],
                       "step_parts": {k: plan["time"][k] for k in ("compute_s", "memory_bound_s", "optimizer_s")},
-                      "breakdown": {k: v for k, v in dev.items() if k not in ("total",)}},
+                      "breakdown": {k: v for k, v in dev.items() if k != "total"}},
         "measured": measured,
         "memory_error": mem_err, "time_error": time_err,
         "memory_within_target": abs(mem_err) <= MEMORY_TARGET, "time_within_target": abs(time_err) <= TIME_TARGET,
@@ -302,9 +335,9 @@ def calibration_text(r: dict[str, Any]) -> str:
              f"  peak memory: predicted {p['peak_bytes'] / 1e6:,.1f} MB, measured {m['peak_above_baseline'] / 1e6:,.1f} MB "
              f"above the pre-model RSS ({r['memory_error']:+.1%}; target within {MEMORY_TARGET:.0%}: "
              f"{'met' if r['memory_within_target'] else 'MISSED'})",
-             f"  step time: predicted {p['step_s'] * 1e3:,.1f} ms, measured {m['step_s'] * 1e3:,.1f} ms (fastest of "
-             f"{len(m['step_times'])}, median {m['step_s_median'] * 1e3:,.1f} ms; {r['time_error']:+.1%}; target within "
-             f"{TIME_TARGET:.0%}: "
+             f"  step time: predicted {p['step_s'] * 1e3:,.1f} ms, measured {m['step_s'] * 1e3:,.1f} ms of CPU time "
+             f"(fastest of {len(m['step_cpu_times'])}, median {m['step_s_median'] * 1e3:,.1f} ms; fastest wall-clock "
+             f"{m['step_wall_s'] * 1e3:,.1f} ms; {r['time_error']:+.1%}; target within {TIME_TARGET:.0%}: "
              f"{'met' if r['time_within_target'] else 'MISSED'})",
              "  predicted step: " + ", ".join(f"{k[:-2]} {v * 1e3:,.1f} ms" for k, v in p["step_parts"].items())
              + " (memory-bound work is part of compute)",

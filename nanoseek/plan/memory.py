@@ -8,7 +8,8 @@ first device (used for all); ZB-V: pp (as 1F1B); DualPipe: pp + 1 (and two copie
 parameters: each device holds a stage of each direction); DualPipeV: 2pp + 1 chunks of half a
 device's layers. The loss's logits and log-probabilities are held for one micro-batch: every schedule
 runs the last chunk's backward right after its forward. The backward's workspace is the gradient of
-the largest block's kept activations plus the logits' gradient."""
+the largest block's kept activations, one more copy of the largest single tensor (an op's backward
+holds the gradients of its output and its input at once), and the logits' gradient."""
 
 from __future__ import annotations
 
@@ -77,11 +78,13 @@ def activation_bytes(bl: list[Block], r: Resolved, p: Precision, mine: list[int]
     if lo.schedule == "dualpipe":  # pp + 1 micro-batches of a stage: the mean of the device's two stages
         per_token /= 2
     loss = max((act_bytes_per_token(bl[i], "none", sizes, loss=True) for i in mine), default=0.0)
-    # the backward materialises the gradient of each kept activation of the block it is in: one block's
-    # worth at a time (the largest), plus the logits' gradient (fp32) on the device with the loss
+    # the backward materialises the gradient of each kept activation of the block it is in (one block's
+    # worth at a time: the largest), an op holds its output's and its input's gradient at once (one more
+    # copy of the largest tensor), and the logits' gradient (fp32) lives on the device with the loss
+    biggest = max((a.elements * sizes[a.kind] for i in mine for a in bl[i].acts if not a.loss), default=0.0)
     vocab = max((a.elements for i in mine for a in bl[i].acts if a.loss), default=0.0)
     return {"activations": (held * per_token + transient) * tokens, "loss (logits, log-probs)": loss * tokens,
-            "backward workspace": (largest + 4 * vocab) * tokens}
+            "backward workspace": (largest + biggest + 4 * vocab) * tokens}
 
 
 def buffer_bytes(bl: list[Block], r: Resolved, p: Precision, mine: list[int]) -> dict[str, float]:
