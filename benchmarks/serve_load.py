@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from nanoseek.data.tokenizer import train_tokenizer  # noqa: E402
 from nanoseek.hf import load_model_and_tokenizer, tokenizer_files  # noqa: E402
 from nanoseek.inference import SamplingParams, generate  # noqa: E402
 from nanoseek.serve.detokenize import TokenNames  # noqa: E402
+from nanoseek.serve.engine_loop import EngineLoop, Request, RequestDone  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. 12 + 7 = 19. Think, then answer. "
         "A latent cache stores one small vector per token. Servers batch many clients at once.\n")
@@ -119,6 +121,29 @@ async def run_concurrently(url, name, texts, max_tokens, concurrency, timeout):
         return results, time.perf_counter() - began
 
 
+def engine_only(model, tok, ids: list[list[int]], max_tokens: int) -> dict:
+    """The same requests through an `EngineLoop` in this process, without HTTP: what the batched decode
+    itself sustains on this machine."""
+    engine = EngineLoop(model, eos_token_id=tok.eos_id, decode=tok.decode, max_batch=len(ids), queue=len(ids))
+    done = threading.Semaphore(0)
+    tokens = [0]
+
+    def sink(item):
+        if isinstance(item, RequestDone):
+            done.release()
+        elif hasattr(item, "token_id"):
+            tokens[0] += 1
+    engine.start()
+    began = time.perf_counter()
+    for p in ids:
+        engine.submit(Request([p], SamplingParams(max_new_tokens=max_tokens), sink))
+    for _ in ids:
+        done.acquire(timeout=600)
+    seconds = time.perf_counter() - began
+    engine.stop()
+    return {"tokens": tokens[0], "seconds": round(seconds, 3), "tokens_per_second": round(tokens[0] / seconds, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model directory (default: a fresh tiny model with a trained tokenizer)")
@@ -171,6 +196,8 @@ def measure(args, report, url, name, model_dir, server, deadline) -> int:
     offline = [generate(model, [p], SamplingParams(max_new_tokens=args.max_tokens), eos_token_id=tok.eos_id)[0]
                for p in ids]
     report["offline_one_by_one_seconds"] = round(time.perf_counter() - began, 3)
+
+    report["engine_only"] = engine_only(model, tok, ids, args.max_tokens)
 
     asyncio.run(run_concurrently(url, name, texts[:4], 4, 4, timeout))  # warm up
     results, seconds = asyncio.run(run_concurrently(url, name, texts, args.max_tokens, args.clients, timeout))

@@ -65,7 +65,7 @@ class Served:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, self.tok, NAME), log_level="error"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, self.tok, NAME, ("http://ui.example",)), log_level="error"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         end = time.monotonic() + TIMEOUT
@@ -140,6 +140,9 @@ def test_models_and_health(served):
     assert served.client.models.retrieve(NAME).id == NAME
     health = httpx.get(served.url + "/health", timeout=TIMEOUT)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    preflight = httpx.options(served.url + "/v1/chat/completions", timeout=TIMEOUT, headers={
+        "origin": "http://ui.example", "access-control-request-method": "POST"})
+    assert preflight.headers["access-control-allow-origin"] == "http://ui.example"  # a browser chat UI may call
 
 
 def test_chat_equals_offline_greedy_streamed_or_not(served):

@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -386,8 +387,10 @@ def streaming(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 # ---------------------------------------------------------------------------------------------- the app
-def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine thread and stops it on shutdown."""
+def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str,
+               cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine thread and stops it on shutdown. `cors_origins`
+    lets browser pages from those origins call the API directly (a chat UI served from elsewhere)."""
     server = Server(engine, tokenizer, model_name)
 
     @asynccontextmanager
@@ -400,6 +403,9 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str) -> Fas
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N], mps or auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. http://localhost:3000) call the API (CORS); repeatable")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
 
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     engine = EngineLoop(model.eval(), eos_token_id=tokenizer.eos_id, decode=tokenizer.decode,
                         max_batch=args.max_batch, queue=args.queue, cache_tokens=args.cache_tokens,
                         block_size=args.block_size, speculative=args.speculative)
-    app = create_app(engine, tokenizer, name)
+    app = create_app(engine, tokenizer, name, tuple(args.allow_origin))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"nanoseek serve: {name} on http://{shown}:{port}/v1 (max batch {args.max_batch}, queue {args.queue}, "
