@@ -111,6 +111,20 @@ def test_v3_run_memory_time_and_what_ifs():
     assert 1e6 < hours["published setup"] < 5e6
 
 
+def test_cluster_overrides():
+    base = cluster("H800", 8)
+    assert base.hbm_gb == 80 and base.nvlink_gb_s == 200 and base.gpus_per_node == 8
+    lo = Layout(ep=8, global_batch=8, seq_len=4096)
+    ref = plan_training("deepseek-v2-lite", base, lo, tokens=1e12)
+    small = plan_training("deepseek-v2-lite", cluster("H800", 8, hbm_gb=24), lo)
+    assert ref["memory"]["fits"] and not small["memory"]["fits"]
+    fast = plan_training("deepseek-v2-lite", cluster("H800", 8, bf16_tflops=2 * 989.5), lo)
+    assert fast["time"]["compute_s"] < ref["time"]["compute_s"]
+    priced = plan_training("deepseek-v2-lite", cluster("H800", 8, usd_per_gpu_hour=3.0), lo, tokens=1e12)
+    assert priced["budget"]["usd"] == pytest.approx(1.5 * ref["budget"]["usd"])
+    assert "overridden: usd_per_gpu_hour" in priced["cluster"]["source"]
+
+
 def test_zero_stages_shard_the_state():
     base = Layout(pp=1, ep=1, zero=0, global_batch=8, seq_len=1024)  # ep=8 would leave experts unreplicated
     cl = cluster("H100", 8)
@@ -186,6 +200,7 @@ def test_cli_text_and_json(capsys):
     (["plan", "tiny", "--gemm-efficiency", "1.5"], "invalid setting `--gemm-efficiency`"),
     (["plan", "tiny", "--tokens", "lots"], "invalid setting `--tokens`"),
     (["plan", "tiny", "--hbm-gb", "-1"], "invalid setting `--hbm-gb`"),
+    (["plan", "tiny", "--fp8-tflops", "nan"], "invalid setting `--fp8-tflops`"),
     (["plan", "tiny", "--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
     (["plan", "llama-3.1-405b", "--ep", "2"], "no routed experts"),
     (["plan", "tiny", "--global-batch", "3", "--gpus", "2"], "not a multiple"),

@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--gpu", default="H800", help="GPU type (H800)")
     c.add_argument("--gpus", type=int, default=8, help="number of GPUs (8)")
     c.add_argument("--gpus-per-node", type=int)
-    c.add_argument("--hbm-gb", type=float)
+    c.add_argument("--bf16-tflops", type=float, help="dense BF16 peak per GPU")
+    c.add_argument("--fp8-tflops", type=float, help="dense FP8 peak per GPU")
+    c.add_argument("--hbm-gb", type=float, help="HBM per GPU as datasheets write it (binary: 80 = 80 GiB)")
     c.add_argument("--hbm-tb-s", type=float, help="memory bandwidth per GPU")
     c.add_argument("--nvlink-gb-s", type=float, help="intra-node bandwidth per GPU per direction")
     c.add_argument("--internode-gb-s", type=float, help="network bandwidth per GPU per direction")
@@ -80,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cluster(args: argparse.Namespace):
     return cluster(args.gpu, args.gpus, comm_sms=args.comm_sms, gpus_per_node=args.gpus_per_node,
+                   bf16_tflops=args.bf16_tflops, fp8_tflops=args.fp8_tflops,
                    hbm_gb=args.hbm_gb, hbm_tb_s=args.hbm_tb_s, nvlink_gb_s=args.nvlink_gb_s, internode_gb_s=args.internode_gb_s,
                    usd_per_gpu_hour=args.usd_per_gpu_hour)
 

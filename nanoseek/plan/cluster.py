@@ -48,12 +48,14 @@ class Cluster:
         return asdict(self)
 
 
-OVERRIDES = ("hbm_gb", "hbm_tb_s", "nvlink_gb_s", "internode_gb_s", "gpus_per_node", "usd_per_gpu_hour")
+OVERRIDES = ("bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tb_s", "nvlink_gb_s", "internode_gb_s", "gpus_per_node",
+             "usd_per_gpu_hour")
 
 
 def cluster(gpu: str = "H800", n_gpus: int = 8, *, comm_sms: int = 0, **overrides: Any) -> Cluster:
     """A `Cluster` of `n_gpus` GPUs of the table's type `gpu`; keyword overrides (None = the table's
-    value): hbm_gb, hbm_tb_s, nvlink_gb_s, internode_gb_s, gpus_per_node, usd_per_gpu_hour."""
+    value): bf16_tflops, fp8_tflops, hbm_gb, hbm_tb_s, nvlink_gb_s, internode_gb_s, gpus_per_node,
+    usd_per_gpu_hour."""
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise TypeError(f"unknown cluster override(s): {', '.join(unknown)}")
@@ -75,6 +77,11 @@ def cluster(gpu: str = "H800", n_gpus: int = 8, *, comm_sms: int = 0, **override
     require(isinstance(comm_sms, int) and 0 <= comm_sms < spec["sms"], "--comm-sms", comm_sms,
             f"an integer in [0, {spec['sms']}) for {name}")
     peaks = {p: spec[f"{p}_tflops"] for p in ("bf16", "fp8", "fp32") if spec.get(f"{p}_tflops")}
+    for p in ("bf16", "fp8"):
+        value = overrides.get(f"{p}_tflops")
+        if value is not None:
+            require(is_finite_number(value) and value > 0, f"--{p}-tflops", value, "a positive number")
+            peaks[p] = float(value)
     source = spec.get("source", "")
     changed = [k for k in OVERRIDES if overrides.get(k) is not None]
     if changed:
