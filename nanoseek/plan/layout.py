@@ -39,7 +39,7 @@ class Layout:
     mtp: bool = True                # train the model's MTP modules
     activations: str = "nanoseek"   # which tensors are kept for the backward: nanoseek | v3 (plan/blocks.py)
     attention: str = "fused"        # attention kernel: fused (FlashAttention-style) | math (torch's CPU SDPA)
-    split: str = "balanced"         # layers per pipeline chunk: balanced (by forward FLOPs, head and MTP counted) | even
+    split: str = "balanced"         # layers per pipeline chunk: balanced (by forward time, head and MTP counted) | even
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,13 +122,18 @@ def balanced_layers(costs: tuple[float, ...], chunks: int, first_extra: float, l
     return counts[::-1]
 
 
-def chunk_blocks(bl: list[Block], chunks: int, split: str = "even") -> tuple[tuple[int, ...], ...]:
-    """Block indices per chunk: blocks before the first layer go to chunk 0, after the last to the last."""
+def chunk_blocks(bl: list[Block], chunks: int, split: str = "even", high_weight: float = 1.0) -> tuple[tuple[int, ...], ...]:
+    """Block indices per chunk: blocks before the first layer go to chunk 0, after the last to the last.
+    "balanced" weighs each block by its forward time in units of low-precision GEMM FLOPs: the FLOPs kept
+    in high precision (attention core, router, head) count `high_weight` times (2 under FP8)."""
     layer_ids = [i for i, b in enumerate(bl) if b.layer]
     if split == "balanced":
-        first = sum(b.forward_flops for b in bl[:layer_ids[0]])
-        last = sum(b.forward_flops for b in bl[layer_ids[-1] + 1:])
-        counts = list(balanced_layers(tuple(bl[i].forward_flops for i in layer_ids), chunks, first, last))
+        def cost(b: Block) -> float:
+            return b.gemm_flops + high_weight * (b.high_mm_flops + b.core_flops)
+
+        first = sum(cost(b) for b in bl[:layer_ids[0]])
+        last = sum(cost(b) for b in bl[layer_ids[-1] + 1:])
+        counts = list(balanced_layers(tuple(cost(bl[i]) for i in layer_ids), chunks, first, last))
     else:
         counts = split_layers(len(layer_ids), chunks)
     out: list[list[int]] = [[] for _ in range(chunks)]
@@ -209,7 +214,14 @@ def resolve(layout: Layout, cfg: Any, cl: Cluster, bl: list[Block]) -> Resolved:
     ep_nodes = -(-lo.ep // cl.gpus_per_node)
     limit = _node_limit(lo, c, ep_nodes)
     return Resolved(lo, dp, dp_shard, dp // lo.ep, max(1, dp_shard // lo.ep), n_micro, n_micro * per_replica, chunks,
-                    device_chunks(lo), chunk_blocks(bl, chunks, lo.split), ep_nodes, g, limit)
+                    device_chunks(lo), chunk_blocks(bl, chunks, lo.split, _high_weight(cl, lo)), ep_nodes, g, limit)
+
+
+def _high_weight(cl: Cluster, lo: Layout) -> float:
+    """How many low-precision GEMM FLOPs one high-precision FLOP costs in time (2 for FP8 on H800)."""
+    p = RECIPES[lo.precision]
+    low, high = cl.peak_tflops.get(p.gemm_peak), cl.peak_tflops.get(p.high_peak)
+    return low / high if low and high else 1.0
 
 
 def _node_limit(lo: Layout, c: dict[str, Any], ep_nodes: int) -> int:
