@@ -287,6 +287,8 @@ def test_errors_are_openai_json(served):
                         param="presence_penalty")
     assert_openai_error(post(served, "/v1/chat/completions", {**ok, "n": 100}), 400)
     assert_openai_error(post(served, "/v1/chat/completions", {**ok, "stop": [""]}), 400, param="stop")
+    lone_surrogate = b'{"model": "tiny-r1", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    assert_openai_error(post(served, "/v1/chat/completions", lone_surrogate), 400, param="messages.0.content")
     long_text = "The quick brown fox " * 200
     assert_openai_error(post(served, "/v1/chat/completions", {**ok, "messages": [{"role": "user",
                                                                                  "content": long_text}]}),
@@ -377,8 +379,10 @@ def test_a_failing_request_fails_alone(served, monkeypatch):
 # ---------------------------------------------------------------------------------------------- the command
 def test_serve_command_starts_answers_and_stops_cleanly_on_signals(model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    served_model, tok = load_model_and_tokenizer(model_dir)
+    extra = {signal.SIGTERM: [], signal.SIGINT: ["--speculative"]}  # one of them decodes speculatively
     procs = {sig: subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model_dir), "--port",
-                                    "0", "--max-batch", "4", "--threads", "1"],
+                                    "0", "--max-batch", "4", "--threads", "1", *extra[sig]],
                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
              for sig in (signal.SIGTERM, signal.SIGINT)}
     streams = {}
@@ -388,8 +392,13 @@ def test_serve_command_starts_answers_and_stops_cleanly_on_signals(model_dir):
             match = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
             assert match, line
             client = openai.OpenAI(base_url=match.group(1) + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
-            assert client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
-                                                  max_tokens=3).choices[0].finish_reason
+            if extra[sig]:
+                assert "speculative" in line
+            r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=6, temperature=0)
+            offline = generate(served_model, [tok.encode_chat([{"role": "user", "content": "hi"}])],
+                               SamplingParams(max_new_tokens=6), eos_token_id=tok.eos_id)[0]
+            assert r.usage.completion_tokens == len(offline.token_ids)
             streams[sig] = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
                                                           max_tokens=60, temperature=0, stream=True)
             next(iter(streams[sig]))  # a stream is open when the signal arrives

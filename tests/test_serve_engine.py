@@ -132,6 +132,29 @@ def test_speculative_decoding_in_the_running_batch(model, engine):
     assert eng.pool.free_blocks == eng.pool.capacity_blocks
 
 
+def test_row_sampler_draws_as_one_row_samplers_would():
+    """Rows with different parameters in one batch: each row's tokens and log-probs are those of a
+    one-row `Sampler` with its parameters and seed; greedy rows take the argmax and draw nothing."""
+    from nanoseek.inference.row_sampler import RowSampler
+    from nanoseek.inference.sampling import Sampler
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(temperature=0.7, seed=1), SamplingParams(), SamplingParams(temperature=1.3, top_p=0.8,
+                                                                                          seed=2),
+              SamplingParams(temperature=0.9, top_k=5, min_p=0.05, seed=3)]
+    gens = [None if p.greedy else torch.Generator().manual_seed(p.seed) for p in params]
+    rows = RowSampler(params, gens)
+    singles = [Sampler(p, 1) for p in params]
+    for _ in range(5):
+        tokens, logprobs = rows(logits)
+        for b, single in enumerate(singles):
+            t, lp = single(logits[b:b + 1])
+            assert int(tokens[b]) == int(t) and float(logprobs[b]) == pytest.approx(float(lp), abs=1e-6)
+    assert int(rows(logits)[0][1]) == int(logits[1].argmax())
+    one_hot = rows.probs(logits)[1]
+    assert one_hot.sum() == 1 and one_hot[logits[1].argmax()] == 1
+
+
 def test_stop_tokens_and_strings_end_a_row(model, engine):
     p = prompts_of([6], seed=5)[0]
     ref = generate(model, [p], SamplingParams(max_new_tokens=12))[0].token_ids

@@ -38,7 +38,7 @@ from nanoseek.serve.detokenize import ChatText, CompletionText, TokenNames
 from nanoseek.serve.engine_loop import (EngineLoop, QueueFull, Request as EngineRequest, RequestDone, RequestFailed,
                                         ShuttingDown, TokenOut)
 from nanoseek.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling,
-                                     error_body)
+                                     checked_text, error_body)
 
 ROLE_OF = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SEED_RANGE = 2**63  # torch generators take 64-bit seeds; choice i uses seed + i
@@ -128,7 +128,7 @@ class Server:
                 content = ""
             else:
                 content = m.content
-            turns.append({"role": ROLE_OF[m.role], "content": content})
+            turns.append({"role": ROLE_OF[m.role], "content": checked_text(content, f"messages.{i}.content")})
         return self._encode(lambda: self.tok.encode_chat(turns, add_generation_prompt=True), "messages")
 
     def completion_prompts(self, prompt) -> list[list[int]]:
@@ -141,6 +141,7 @@ class Server:
         out = []
         for p in prompt:
             if isinstance(p, str):
+                checked_text(p, "prompt")
                 out.append(self._encode(lambda: encode_prompt(self.tok, p, chat=False), "prompt"))
             else:
                 out.append(list(p))

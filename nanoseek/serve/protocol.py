@@ -32,6 +32,16 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def checked_text(text: str, param: str) -> str:
+    """`text` if it is valid Unicode; JSON can carry lone surrogates ("\\ud800"), which no tokenizer reads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode (a lone surrogate at character {e.start})",
+                       param=param) from None
+    return text
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -78,7 +88,7 @@ class Sampling(Lenient):
             raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
         if any(not s for s in stops):
             raise APIError(400, "stop strings must not be empty", param="stop")
-        return stops
+        return [checked_text(s, "stop") for s in stops]
 
     def refuse_unsupported(self, extra: dict[str, Any] | None = None) -> None:
         """400 for a field set to a value this server would have to ignore."""
