@@ -29,7 +29,7 @@ def prompts_of(lengths, seed=0):
 def test_paged_forward_matches_the_slot_cache(model):
     prompts = prompts_of([5, 11, 2])
     dense = LatentKVCache.for_model(model, 3, 40)
-    paged = PagedLatentCache(BlockPool.for_model(model, tokens=64, block_size=4))
+    paged = PagedLatentCache(BlockPool.for_model(model, tokens=64, block_size=4, initial_tokens=4))
     for sid in range(3):
         paged.add(sid)
         paged.reserve(sid, len(prompts[sid]))
@@ -50,6 +50,7 @@ def test_paged_forward_matches_the_slot_cache(model):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert [paged.length(s) for s in range(3)] == [len(p) + 6 for p in prompts]
     assert [len(paged.seqs[s].blocks) for s in range(3)] == [3, 5, 2]  # ceil(length / 4)
+    assert 2 < paged.pool.allocated_blocks < paged.pool.num_blocks  # grew from 2 blocks as tokens came, not to the max
 
 
 @torch.inference_mode()
@@ -61,7 +62,7 @@ def test_rows_join_and_leave_between_steps(model):
     joins = [0, 1, 3]  # the step at which each sequence is prefilled
     alone = [generate(model, [p], SamplingParams(max_new_tokens=n), eos_token_id=[])[0].token_ids
              for p, n in zip(prompts, steps)]
-    pool = BlockPool.for_model(model, tokens=48, block_size=2)
+    pool = BlockPool.for_model(model, tokens=48, block_size=2, initial_tokens=2)
     cache = PagedLatentCache(pool)
     out = {i: [] for i in range(3)}
     for t in range(12):
@@ -90,18 +91,19 @@ def test_rows_join_and_leave_between_steps(model):
 
 
 def test_blocks_follow_live_tokens_and_run_out_cleanly(model):
-    pool = BlockPool.for_model(model, tokens=10, block_size=4)  # 3 blocks
+    pool = BlockPool.for_model(model, tokens=10, block_size=4, initial_tokens=4)  # 3 blocks, storage for 1
+    assert pool.allocated_blocks == 2 and pool.free_blocks == 3
     cache = PagedLatentCache(pool)
     cache.add(0)
     cache.reserve(0, 5)
-    assert pool.free_blocks == 1 and len(cache.seqs[0].blocks) == 2
+    assert pool.free_blocks == 1 and len(cache.seqs[0].blocks) == 2 and pool.allocated_blocks == 4  # doubled
     cache.add(1)
     with pytest.raises(CacheFull):
         cache.reserve(1, 9)
     cache.reserve(1, 4)
     assert pool.free_blocks == 0
     cache.release(0)
-    assert pool.free_blocks == 2
+    assert pool.free_blocks == 2 and pool.allocated_blocks == 4  # the storage stays for the next peak
     with pytest.raises(ValueError):
         cache.add(1)
 

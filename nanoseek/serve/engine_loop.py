@@ -203,7 +203,8 @@ class EngineLoop:
         with self._cv:
             return {"running_rows": len(self._running), "waiting_requests": len(self._waiting),
                     "cache_blocks_free": self.pool.free_blocks, "cache_blocks_total": self.pool.capacity_blocks,
-                    "cache_block_tokens": self.pool.block_size, "cache_bytes": self.pool.nbytes()}
+                    "cache_block_tokens": self.pool.block_size, "cache_bytes": self.pool.nbytes(),
+                    "cache_max_bytes": self.pool.max_nbytes()}
 
     @property
     def alive(self) -> bool:

@@ -34,29 +34,43 @@ class CacheFull(RuntimeError):
 
 
 class BlockPool:
-    """Storage for all sequences: [layers, num_blocks * block_size, width], handed out by blocks.
-    Block 0 is never handed out: it is all zeros and is what padding slots gather."""
+    """Storage for all sequences, handed out by blocks: [layers, blocks * block_size, width].
+
+    The storage grows with demand: it starts with `initial_blocks` and, when a request for blocks finds
+    too few free, doubles (at least to what is needed) up to `num_blocks`, copying what it holds. So the
+    memory of the pool follows the peak of live tokens, up to the configured maximum; it is not given
+    back (the next peak reuses it). Block 0 is never handed out: it is all zeros and is what padding
+    slots gather."""
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, width: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", initial_blocks: int = 64):
         if num_blocks < 2 or block_size < 1:
             raise ValueError(f"a block pool needs >= 2 blocks of >= 1 token, got {num_blocks} x {block_size}")
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.kv = torch.zeros(layers, num_blocks * block_size, width, dtype=dtype, device=device)
-        self._free = list(range(num_blocks - 1, 0, -1))  # a stack: the most recently freed block is reused first
+        size = max(2, min(initial_blocks, num_blocks))
+        self.kv = torch.zeros(layers, size * block_size, width, dtype=dtype, device=device)
+        self._free = list(range(size - 1, 0, -1))  # a stack: the most recently freed block is reused first
 
     @classmethod
-    def for_model(cls, model, tokens: int, block_size: int = 16, extra_layers: int = 0) -> "BlockPool":
-        """A pool holding `tokens` tokens (rounded up to whole blocks) for `model`'s layers (+ `extra_layers`,
-        the MTP block's for speculative decoding)."""
+    def for_model(cls, model, tokens: int, block_size: int = 16, extra_layers: int = 0,
+                  initial_tokens: int = 1024) -> "BlockPool":
+        """A pool for up to `tokens` tokens (rounded up to whole blocks) of `model`'s layers (+ `extra_layers`,
+        the MTP block's for speculative decoding), starting with room for `initial_tokens`."""
         cfg = model.config
         weight = model.model.embed_tokens.weight
         return cls(cfg.num_hidden_layers + extra_layers, 1 + -(-tokens // block_size), block_size,
-                   cfg.kv_lora_rank + cfg.qk_rope_head_dim, weight.dtype, weight.device)
+                   cfg.kv_lora_rank + cfg.qk_rope_head_dim, weight.dtype, weight.device,
+                   initial_blocks=1 + -(-initial_tokens // block_size))
+
+    @property
+    def allocated_blocks(self) -> int:
+        """Blocks the storage holds now (block 0 included)."""
+        return self.kv.shape[1] // self.block_size
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks that can still be handed out: free ones plus those the storage may still grow by."""
+        return len(self._free) + self.num_blocks - self.allocated_blocks
 
     @property
     def capacity_blocks(self) -> int:
@@ -66,15 +80,29 @@ class BlockPool:
         return -(-tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
+        if n > self.free_blocks:
+            raise CacheFull(f"{n} cache blocks needed, {self.free_blocks} free")
         if n > len(self._free):
-            raise CacheFull(f"{n} cache blocks needed, {len(self._free)} free")
+            self._grow(self.allocated_blocks + n - len(self._free))
         return [self._free.pop() for _ in range(n)]
+
+    def _grow(self, needed: int) -> None:
+        old = self.allocated_blocks
+        new = min(self.num_blocks, max(needed, 2 * old))
+        kv = self.kv.new_zeros(self.kv.shape[0], new * self.block_size, self.kv.shape[2])
+        kv[:, :old * self.block_size] = self.kv
+        self.kv = kv
+        self._free[:0] = range(new - 1, old - 1, -1)  # below the stack: freed blocks are still reused first
 
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
 
     def nbytes(self) -> int:
+        """Bytes the storage holds now."""
         return self.kv.numel() * self.kv.element_size()
+
+    def max_nbytes(self) -> int:
+        return self.nbytes() // self.allocated_blocks * self.num_blocks
 
 
 @dataclass
@@ -125,7 +153,6 @@ class BatchView:
 
     def __init__(self, cache: PagedLatentCache, sids: list[int]):
         self.cache, self.pool, self.sids = cache, cache.pool, list(sids)
-        self.kv = self.pool.kv
         self.lengths = [cache.seqs[s].length for s in self.sids]  # after the step, once begun
         self.step: CacheStep | None = None
         self._open: tuple[int, torch.Tensor] | None = None  # the layer whose gathered tensor is out
@@ -133,6 +160,10 @@ class BatchView:
     @property
     def batch(self) -> int:
         return len(self.sids)
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.pool.kv  # the pool's storage now (it may have grown since the view was made)
 
     def begin_step(self, n: int, valid: torch.Tensor | None = None) -> CacheStep:
         """Slots for `n` new tokens per sequence (`valid` [B, n] marks real ones: left padding of a
