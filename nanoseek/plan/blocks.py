@@ -24,8 +24,9 @@ SELECTIVE = ("norm", "mla_up", "swiglu")  # what recompute="selective" drops
 # Which tensors are kept: "nanoseek" = what nanoseek's own implementation keeps (checked against
 # measured memory by `nanoseek plan --calibrate`); "v3" = DeepSeek-V3's documented savings (technical
 # report §3.3.4: SwiGLU inputs in MoE cached in FP8) plus one assumption of ours, stated wherever it
-# is used: the routed experts' outputs are not kept (the routing-weight gradient <dy, expert_out> equals
-# <down_proj input gradient, down_proj input>, so the expert side can form it from tensors it keeps).
+# is used: the routed experts' outputs are not kept (the routing-weight gradient <dy, W_down h> equals
+# <W_down^T dy, h>: the down-projection's input gradient dotted with its input h, the SwiGLU output V3
+# recomputes anyway, so the expert side can form it without the output).
 ACTIVATION_PROFILES = ("nanoseek", "v3")
 
 

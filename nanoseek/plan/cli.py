@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--recompute", default="none", help="|".join(RECOMPUTE) + " (none)")
     lo.add_argument("--activations", default="nanoseek", help="|".join(ACTIVATION_PROFILES) + " (nanoseek)")
     lo.add_argument("--attention", default="fused", help="attention kernel: fused|math (fused)")
-    lo.add_argument("--split", default="balanced", help="layers per pipeline chunk: balanced (by FLOPs)|even "
+    lo.add_argument("--split", default="balanced", help="layers per pipeline chunk: balanced (by forward time)|even "
                     "(balanced)")
     lo.add_argument("--node-limit", type=int, help="nodes a token may reach (default: the model's topk_group "
                     "when its groups map onto nodes; 0 = no limit)")

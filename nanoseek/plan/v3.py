@@ -6,7 +6,7 @@ parallelism over 8 nodes; ZeRO-1 data parallelism; FP8 mixed precision; 20 of 13
 communication; recomputation of RMSNorm and the MLA up-projections; sequence length 4,096; batch
 size 15,360 sequences (after its ramp-up); node-limited routing to at most 4 nodes; one MTP module;
 14.8T tokens; 2.664M H800 GPU-hours for pre-training. Not stated by the report, so our choices: a
-micro-batch of 1 sequence, the layers split over the 16 stages to balance forward FLOPs (the first
+micro-batch of 1 sequence, the layers split over the 16 stages to balance forward time (the first
 and last stages, which hold the embedding, the output head and the MTP module, get fewer layers),
 and the "v3" activation profile (plan/blocks.py). Only the setup goes in; the 2.664M is compared
 with, never used."""
@@ -26,7 +26,7 @@ V3_LAYOUT = Layout(pp=16, ep=64, zero=1, schedule="dualpipe", micro_batch=1, glo
                    precision="fp8", recompute="selective", activations="v3")
 WHAT_IFS = {
     "published setup (FP8, DualPipe, node limit 4)": {},
-    "layers split evenly instead of by FLOPs": {"split": "even"},
+    "layers split evenly instead of by time": {"split": "even"},
     "BF16 instead of FP8": {"precision": "bf16"},
     "1F1B instead of DualPipe": {"schedule": "1f1b"},
     "no node limit (a token may reach 8 nodes)": {"node_limit": 0},
