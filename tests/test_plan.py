@@ -16,7 +16,7 @@ from nanoseek.plan.blocks import blocks
 from nanoseek.plan.layout import balanced_layers, chunk_blocks, split_layers
 from nanoseek.plan.sweep import sweep
 from nanoseek.plan.time import bubble
-from nanoseek.plan.v3 import V3_LAYOUT, v3_plans
+from nanoseek.plan.v3 import v3_plans
 
 H800 = cluster("H800", 2048, comm_sms=20)
 
@@ -26,7 +26,8 @@ def test_blocks_add_up_to_the_exact_counts(model):
     bl = blocks(model, 4096)
     p = cost.params(model)
     assert sum(b.dense_params + b.expert_params for b in bl) == p["params_total"] + p["params_mtp_total"]
-    assert sum(b.forward_flops for b in bl) == pytest.approx(cost.forward_flops_per_token(model, 4096, include_mtp=True))
+    exact = cost.forward_flops_per_token(model, 4096, include_mtp=True)
+    assert sum(b.forward_flops for b in bl) == pytest.approx(exact)
     assert sum(b.forward_flops for b in blocks(model, 4096, include_mtp=False)) == pytest.approx(
         cost.forward_flops_per_token(model, 4096))
 
@@ -92,7 +93,8 @@ def test_v3_run_memory_time_and_what_ifs():
     dual, one = pub["memory"]["per_device"], rows["1F1B"]["memory"]["per_device"]
     # DualPipe: each device holds a stage of each direction -> twice 1F1B's parameters on a middle device
     assert dual[5]["params_on_device"] == pytest.approx(2 * one[5]["params_on_device"], rel=0.01)
-    assert dual[5]["micro_batches_held"] == 17 and one[0]["micro_batches_held"] == 16 and one[15]["micro_batches_held"] == 1
+    assert dual[5]["micro_batches_held"] == 17
+    assert one[0]["micro_batches_held"] == 16 and one[15]["micro_batches_held"] == 1
     # the ZeRO-1 optimizer shard is 1/128 (dense) and 1/2 (experts) of the full state
     assert pub["derived"]["dp"] == 128 and pub["derived"]["expert_dp"] == 2
     # node-limited routing: 4 of 8 nodes, 7/8 of them remote -> 3.5 copies over the network; no limit -> 7
@@ -172,7 +174,8 @@ def test_cli_text_and_json(capsys):
             "--comm-sms", "20", "--tokens", "14.8T", "--activations", "v3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for text in ("memory of the fullest GPU", "pipeline bubble", "GPU-hours", "assumptions:", "at 50% of the dense peak"):
+    for text in ("memory of the fullest GPU", "pipeline bubble", "GPU-hours", "assumptions:",
+                 "at 50% of the dense peak"):
         assert text in out, text
     assert main(argv + ["--json"]) == 0
     data = json.loads(capsys.readouterr().out)

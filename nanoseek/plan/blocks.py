@@ -146,7 +146,8 @@ def blocks(cfg: Any, seq_len: int, *, include_mtp: bool = True, attention_kernel
     up = 0.0
     if mla:
         h, rq = c["num_attention_heads"], c.get("q_lora_rank")
-        up = 2 * ((rq * h * a.qk_head_dim if rq else 0) + c["kv_lora_rank"] * h * (c["qk_nope_head_dim"] + a.v_head_dim))
+        q_up = rq * h * a.qk_head_dim if rq else 0
+        up = 2 * (q_up + c["kv_lora_rank"] * h * (c["qk_nope_head_dim"] + a.v_head_dim))
 
     def layer(i: int, part, extra_acts: list[Act], name: str) -> Block:
         moe = _is_moe(c, i)

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from nanoseek.config import PRESETS, ModelConfig, preset
-from nanoseek.cost import forward_flops_per_token
 from nanoseek.cost.models import load_config
 from nanoseek.errors import UserError, require
 from nanoseek.model import DeepseekV3ForCausalLM
@@ -268,7 +267,8 @@ def measure_machine(cfg: ModelConfig, batch: int, seq_len: int, collective: bool
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gemm = {name: (flops, shape_flops_per_s(shape)) for name, (shape, flops) in model_gemms(cfg, batch, seq_len).items()}
+        gemm = {name: (flops, shape_flops_per_s(shape))
+                for name, (shape, flops) in model_gemms(cfg, batch, seq_len).items()}
         memory_bw = memory_bytes_per_s()
     finally:
         torch.set_num_threads(threads)
@@ -332,7 +332,8 @@ def calibration_text(r: dict[str, Any]) -> str:
              "  gloo all-reduce, 2 local processes: " + ("not measured" if not r["collective_measured"] else
                                                          "could not start" if bus is None else
                                                          f"{bus / 1e9:.2f} GB/s (8 MB tensor)"),
-             f"  peak memory: predicted {p['peak_bytes'] / 1e6:,.1f} MB, measured {m['peak_above_baseline'] / 1e6:,.1f} MB "
+             f"  peak memory: predicted {p['peak_bytes'] / 1e6:,.1f} MB, "
+             f"measured {m['peak_above_baseline'] / 1e6:,.1f} MB "
              f"above the pre-model RSS ({r['memory_error']:+.1%}; target within {MEMORY_TARGET:.0%}: "
              f"{'met' if r['memory_within_target'] else 'MISSED'})",
              f"  step time: predicted {p['step_s'] * 1e3:,.1f} ms, measured {m['step_s'] * 1e3:,.1f} ms of CPU time "

@@ -83,14 +83,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _cluster(args: argparse.Namespace):
     return cluster(args.gpu, args.gpus, comm_sms=args.comm_sms, gpus_per_node=args.gpus_per_node,
                    bf16_tflops=args.bf16_tflops, fp8_tflops=args.fp8_tflops,
-                   hbm_gb=args.hbm_gb, hbm_tb_s=args.hbm_tb_s, nvlink_gb_s=args.nvlink_gb_s, internode_gb_s=args.internode_gb_s,
+                   hbm_gb=args.hbm_gb, hbm_tb_s=args.hbm_tb_s, nvlink_gb_s=args.nvlink_gb_s,
+                   internode_gb_s=args.internode_gb_s,
                    usd_per_gpu_hour=args.usd_per_gpu_hour)
 
 
 def _layout(args: argparse.Namespace) -> Layout:
     return Layout(pp=args.pp, ep=args.ep, dp_shard=args.dp_shard, zero=args.zero, schedule=args.schedule,
                   virtual_stages=args.virtual_stages, micro_batch=args.micro_batch, global_batch=args.global_batch,
-                  seq_len=4096 if args.seq_len is None else args.seq_len, precision=args.precision, recompute=args.recompute,
+                  seq_len=4096 if args.seq_len is None else args.seq_len, precision=args.precision,
+                  recompute=args.recompute,
                   node_limit=args.node_limit, mtp=not args.no_mtp, activations=args.activations,
                   attention=args.attention, split=args.split)
 

@@ -86,5 +86,6 @@ def cluster(gpu: str = "H800", n_gpus: int = 8, *, comm_sms: int = 0, **override
     changed = [k for k in OVERRIDES if overrides.get(k) is not None]
     if changed:
         source += f"; overridden: {', '.join(changed)}"
-    return Cluster(name, n_gpus, row["gpus_per_node"], float(row["hbm_gb"]), float(row["hbm_tb_s"]), peaks, spec["sms"], comm_sms,
+    return Cluster(name, n_gpus, row["gpus_per_node"], float(row["hbm_gb"]), float(row["hbm_tb_s"]), peaks,
+                   spec["sms"], comm_sms,
                    float(row["nvlink_gb_s"]), float(row["internode_gb_s"]), row["usd_per_gpu_hour"], source)

@@ -122,7 +122,8 @@ def balanced_layers(costs: tuple[float, ...], chunks: int, first_extra: float, l
     return counts[::-1]
 
 
-def chunk_blocks(bl: list[Block], chunks: int, split: str = "even", high_weight: float = 1.0) -> tuple[tuple[int, ...], ...]:
+def chunk_blocks(bl: list[Block], chunks: int, split: str = "even",
+                 high_weight: float = 1.0) -> tuple[tuple[int, ...], ...]:
     """Block indices per chunk: blocks before the first layer go to chunk 0, after the last to the last.
     "balanced" weighs each block by its forward time in units of low-precision GEMM FLOPs: the FLOPs kept
     in high precision (attention core, router, head) count `high_weight` times (2 under FP8)."""

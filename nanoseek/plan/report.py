@@ -37,7 +37,8 @@ def training_text(r: dict[str, Any]) -> str:
     skip = ("total", "params_on_device", "micro_batches_held")
     lines += _rows([(k, gb(v)) for k, v in dev.items() if k not in skip])
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
-    lines += _rows([("total", f"{gb(dev['total'])} of {gb(mem['hbm_bytes'])} ({r['cluster']['hbm_gb']:g} GiB): {verdict}")])
+    capacity = f"{gb(mem['hbm_bytes'])} ({r['cluster']['hbm_gb']:g} GiB)"
+    lines += _rows([("total", f"{gb(dev['total'])} of {capacity}: {verdict}")])
     mb = t["micro_batch"]
     lines += ["", f"step time (critical device {t['critical_device']}; per micro-batch F {seconds(mb['F'])}, "
                   f"B {seconds(mb['B'])}, W {seconds(mb['W'])}, all-to-all {seconds(mb['comm_fwd'])} + "
@@ -47,7 +48,8 @@ def training_text(r: dict[str, Any]) -> str:
                     ("all-to-all exposed", seconds(t["exposed_all_to_all_s"])),
                     ("all-to-all hidden", seconds(t["hidden_all_to_all_s"])),
                     ("pipeline bubble", seconds(t["bubble_s"])), ("data-parallel sync", seconds(t["dp_sync_s"])),
-                    ("FSDP gathers exposed", seconds(t["fsdp_exposed_s"])), ("optimizer step", seconds(t["optimizer_s"])),
+                    ("FSDP gathers exposed", seconds(t["fsdp_exposed_s"])),
+                    ("optimizer step", seconds(t["optimizer_s"])),
                     ("step", seconds(t["step_s"]))])
     a2a = t["all_to_all_per_token_per_moe_layer"]
     lines.append(f"  per token per MoE layer: {a2a['network_copies']:.2f} copies over the network, "
@@ -62,7 +64,8 @@ def training_text(r: dict[str, Any]) -> str:
     lines += _rows(pairs)
     if "budget" in r:
         b = r["budget"]
-        usd = "no price: pass --usd-per-gpu-hour" if b["usd"] is None else f"${b['usd'] / 1e6:,.3f}M at ${b['usd_per_gpu_hour']:g}/GPU-hour"
+        usd = ("no price: pass --usd-per-gpu-hour" if b["usd"] is None
+               else f"${b['usd'] / 1e6:,.3f}M at ${b['usd_per_gpu_hour']:g}/GPU-hour")
         lines += ["", f"budget of {b['tokens'] / 1e12:g}T tokens:"]
         lines += _rows([("GPU-hours", f"{b['gpu_hours'] / 1e6:,.3f}M"), ("days", f"{b['days']:,.1f}"), ("cost", usd)])
     lines += ["", "assumptions:"] + [f"  - {a}" for a in r["assumptions"]]

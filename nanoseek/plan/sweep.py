@@ -40,7 +40,8 @@ def candidates(model: Any, cl: Cluster, base: Layout, schedules: tuple[str, ...]
 
 
 def sweep(model: Any, cl: Cluster, base: Layout, *, top: int = 20, schedules: tuple[str, ...] = SCHEDULES,
-          zeros: tuple[int, ...] = (1, 3), recomputes: tuple[str, ...] = RECOMPUTE, **plan_kwargs: Any) -> dict[str, Any]:
+          zeros: tuple[int, ...] = (1, 3), recomputes: tuple[str, ...] = RECOMPUTE,
+          **plan_kwargs: Any) -> dict[str, Any]:
     """Feasible layouts by step time (fastest first), and how many were tried and refused. The sweep
     varies pp, ep, the schedule, the ZeRO stage and recomputation; everything else comes from `base`."""
     rows, invalid, too_big = [], 0, 0

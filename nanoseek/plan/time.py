@@ -189,7 +189,8 @@ def step_time(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, *, gemm_e
             "memory_bound_s": r.n_micro * t["memory_bound"], "optimizer_s": opt,
             "exposed_all_to_all_s": r.n_micro * t["exposed_comm"], "hidden_all_to_all_s": r.n_micro * t["hidden_comm"],
             "bubble_s": bub, "dp_sync_s": dp["step"], "fsdp_exposed_s": fsdp_exposed,
-            "critical_device": worst, "micro_batch": {k2: t[k2] for k2 in ("F", "B", "W", "memory_bound", "comm_fwd", "comm_bwd", "fb")},
+            "critical_device": worst,
+            "micro_batch": {k2: t[k2] for k2 in ("F", "B", "W", "memory_bound", "comm_fwd", "comm_bwd", "fb")},
             "pp_p2p_s_per_micro_batch": (tokens * d * p.act_bytes / (cl.internode_gb_s * 1e9 * bw_efficiency)
                                          if lo.pp > 1 else 0.0),
             "all_to_all_per_token_per_moe_layer": all_to_all_bytes(r, d, k, p)}

@@ -106,8 +106,8 @@ def assumptions(lo: Layout, cl: Cluster, p, gemm_eff: float, bw_eff: float, over
         "data parallel: gradients reduce-scattered and weights all-gathered once per step, not overlapped"
         + ("; FSDP gathers per micro-batch hidden up to the compute time" if lo.zero >= 3 else ""),
         "pipeline send/recv assumed hidden behind compute (its time per micro-batch is reported)",
-        f"HBM {cl.hbm_gb:g} GB of the datasheet = {cl.hbm_gb:g} GiB = {cl.hbm_bytes / 1e9:.1f}e9 bytes (memory sizes here "
-        "are decimal GB)",
+        f"HBM {cl.hbm_gb:g} GB of the datasheet = {cl.hbm_gb:g} GiB = {cl.hbm_bytes / 1e9:.1f}e9 bytes "
+        "(memory sizes here are decimal GB)",
         f"buffers: EP dispatch/combine for one micro-batch (x2 with DualPipe overlap), PP send/recv, "
         f"{DP_BUCKET_BYTES / 1e6:.0f} MB DP buckets; reserve {reserve_gb:g} GB per GPU",
         "MTP modules " + ("trained (on the last pipeline chunk, in FLOPs and MFU)" if has_mtp else "not trained"),

@@ -48,8 +48,9 @@ def v3_plans(**plan_kwargs: Any) -> list[dict[str, Any]]:
 
 def v3_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the what-ifs."""
-    lines = ["| scenario | peak memory (GPU) | fits 80 GiB (85.9 GB) | all-to-all / compute per micro-batch | step | bubble | "
-             "exposed all-to-all | MFU (bf16 peak) | GPU-hours, 14.8T | vs 2.664M |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | peak memory (GPU) | fits 80 GiB (85.9 GB) | all-to-all / compute per micro-batch | step "
+             "| bubble | exposed all-to-all | MFU (bf16 peak) | GPU-hours, 14.8T | vs 2.664M |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, m = r["time"], r["memory"]
         mb = t["micro_batch"]
