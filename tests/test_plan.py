@@ -59,6 +59,8 @@ def test_every_model_source_plans(tmp_path, capsys):
     for model in ("tiny", str(tmp_path / "run"), str(tmp_path / "run" / "config.json")):
         assert main(["plan", model, "--seq-len", "256", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["memory"]["fits"]
+    assert main(["plan", "tiny", "--json"]) == 0  # without --seq-len: the model's 512, not 4096
+    assert json.loads(capsys.readouterr().out)["layout"]["seq_len"] == 512
     assert main(["plan", "qwen2.5-72b", "--json"]) == 0  # 72B on 8 GPUs without sharding the weights: no
     assert not json.loads(capsys.readouterr().out)["memory"]["fits"]
 
@@ -204,7 +206,7 @@ def test_cli_text_and_json(capsys):
     (["plan", "tiny", "--tokens", "lots"], "invalid setting `--tokens`"),
     (["plan", "tiny", "--hbm-gb", "-1"], "invalid setting `--hbm-gb`"),
     (["plan", "tiny", "--fp8-tflops", "nan"], "invalid setting `--fp8-tflops`"),
-    (["plan", "tiny", "--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
+    (["plan", "tiny", "--seq-len", "1024"], "exceeds the model's max_position_embeddings"),
     (["plan", "llama-3.1-405b", "--ep", "2"], "no routed experts"),
     (["plan", "tiny", "--global-batch", "3", "--gpus", "2"], "not a multiple"),
     (["plan", "tiny", "--sweep", "--serve"], "choose one of"),

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--virtual-stages", type=int, default=2, help="chunks per device, interleaved_1f1b (2)")
     lo.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (1)")
     lo.add_argument("--global-batch", type=int, help="sequences per step (default: the fewest the schedule needs)")
-    lo.add_argument("--seq-len", type=int, help="tokens per sequence (4096; --calibrate: 256)")
+    lo.add_argument("--seq-len", type=int, help="tokens per sequence (4096 or the model's context if shorter; "
+                    "--calibrate: 256)")
     lo.add_argument("--precision", default="bf16", help="|".join(RECIPES) + " (bf16)")
     lo.add_argument("--recompute", default="none", help="|".join(RECOMPUTE) + " (none)")
     lo.add_argument("--activations", default="nanoseek", help="|".join(ACTIVATION_PROFILES) + " (nanoseek)")
@@ -88,10 +89,14 @@ def _cluster(args: argparse.Namespace):
                    usd_per_gpu_hour=args.usd_per_gpu_hour)
 
 
-def _layout(args: argparse.Namespace) -> Layout:
+def _layout(args: argparse.Namespace, cfg: dict) -> Layout:
+    """The layout the flags describe; without --seq-len, 4096 or the model's context if shorter."""
+    seq_len = args.seq_len
+    if seq_len is None:
+        seq_len = min(4096, cfg.get("max_position_embeddings") or 4096)
     return Layout(pp=args.pp, ep=args.ep, dp_shard=args.dp_shard, zero=args.zero, schedule=args.schedule,
                   virtual_stages=args.virtual_stages, micro_batch=args.micro_batch, global_batch=args.global_batch,
-                  seq_len=4096 if args.seq_len is None else args.seq_len, precision=args.precision,
+                  seq_len=seq_len, precision=args.precision,
                   recompute=args.recompute,
                   node_limit=args.node_limit, mtp=not args.no_mtp, activations=args.activations,
                   attention=args.attention, split=args.split)
@@ -145,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
     name, cfg = configs[0]
     tokens = _tokens(args)
     if args.sweep:
-        result = sweep(cfg, cl, _layout(args), top=args.top, tokens=tokens, name=name, **kwargs)
+        result = sweep(cfg, cl, _layout(args, cfg), top=args.top, tokens=tokens, name=name, **kwargs)
         _print(args, result, sweep_text(result))
         return 0
-    result = plan_training(cfg, cl, _layout(args), tokens=tokens, name=name, **kwargs)
+    result = plan_training(cfg, cl, _layout(args, cfg), tokens=tokens, name=name, **kwargs)
     _print(args, result, training_text(result))
     return 0

@@ -10,6 +10,10 @@ def gb(x: float) -> str:
     return f"{x / 1e9:,.2f} GB"
 
 
+def count(x: float) -> str:
+    return f"{x / 1e9:,.2f}B" if x >= 1e9 else f"{x / 1e6:,.2f}M"
+
+
 def seconds(x: float) -> str:
     return f"{x * 1e3:,.1f} ms" if x < 1 else f"{x:,.2f} s"
 
@@ -32,8 +36,8 @@ def training_text(r: dict[str, Any]) -> str:
     dev = mem["per_device"][mem["worst_device"]]
     lines = [f"{r['model']} on {layout_line(r)}", "",
              f"memory of the fullest GPU (device {mem['worst_device']} of the pipeline, "
-             f"{dev['params_on_device'] / 1e9:,.2f}B parameters, {dev['micro_batches_held']:g} micro-batches "
-             "of activations held):"]
+             f"{count(dev['params_on_device'])} parameters, activations of {dev['micro_batches_held']:g} "
+             "micro-batch(es) held):"]
     skip = ("total", "params_on_device", "micro_batches_held")
     lines += _rows([(k, gb(v)) for k, v in dev.items() if k not in skip])
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
