@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -48,19 +49,41 @@ class Disconnected:
     """Queue marker: the client went away."""
 
 
+class Mailbox:
+    """Hands items from the engine thread to asyncio queues on one event loop. The engine emits a token
+    for every running row each step; waking the loop once per burst instead of once per token keeps the
+    loop's share of the GIL, and its syscalls, small."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, item) -> None:  # any thread
+        with self._lock:
+            self._pending.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)  # RuntimeError once the loop is closed
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._pending, self._scheduled = self._pending, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Job:
     """One HTTP request's engine request and the queue its tokens arrive on."""
 
-    def __init__(self, engine: EngineLoop, http: Request, prompts: list[list[int]], params: SamplingParams,
-                 top_logprobs: int):
+    def __init__(self, engine: EngineLoop, mailbox: Mailbox, http: Request, prompts: list[list[int]],
+                 params: SamplingParams, top_logprobs: int):
         self.engine, self.http = engine, http
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.request = EngineRequest(prompts, params, self._sink, top_logprobs)
+        self.request = EngineRequest(prompts, params, lambda item: mailbox.post(self.queue, item), top_logprobs)
         self.finished = False
-
-    def _sink(self, item) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def submit(self) -> None:
         try:
@@ -71,27 +94,39 @@ class Job:
         except ShuttingDown as e:
             raise APIError(503, str(e), type="server_error", code="unavailable") from None
 
-    async def items(self) -> AsyncIterator[object]:
-        """The engine's messages for this request until it is done; cancels it if the consumer stops
+    async def batches(self) -> AsyncIterator[list[object]]:
+        """The engine's messages for this request until it is done, in batches of what has arrived (a
+        stream that fell behind catches up in one write); cancels the request if the consumer stops
         early (the client went away, or the stream was closed)."""
         watcher = asyncio.create_task(self._watch())
         try:
             while True:
-                item = await self.queue.get()
-                if isinstance(item, Disconnected):
-                    return
-                yield item
-                if isinstance(item, (RequestDone, RequestFailed)):
-                    self.finished = True
-                    return
+                items = [await self.queue.get()]
+                while not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, Disconnected):
+                        return
+                    batch.append(item)
+                    if isinstance(item, (RequestDone, RequestFailed)):
+                        self.finished = True
+                        yield batch
+                        return
+                yield batch
         finally:
             watcher.cancel()
             if not self.finished:
                 self.request.cancel()
 
+    async def items(self) -> AsyncIterator[object]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
     async def _watch(self) -> None:
         while not await self.http.is_disconnected():
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)
         self.request.cancel()
         self.queue.put_nowait(Disconnected())
 
@@ -103,6 +138,7 @@ class Server:
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
         self.names = TokenNames(tokenizer)
         self.context = engine.context
+        self.mailbox: Mailbox | None = None  # made on the server's event loop, at startup
         self.created = int(time.time())
 
     # -- request -> engine ---------------------------------------------------------------------------
@@ -187,7 +223,7 @@ class Server:
             self.engine.check(rows, params)
         except UserError as e:
             raise APIError(400, str(e), param="n" if len(rows) > 1 else None) from None
-        job = Job(self.engine, http, rows, params, top)
+        job = Job(self.engine, self.mailbox, http, rows, params, top)
         job.submit()
         return job
 
@@ -258,28 +294,22 @@ async def chat_completion(server: Server, http: Request, body: ChatCompletionReq
                 data["usage"] = extra.get("usage")
             return sse(data)
 
-        async def events() -> AsyncIterator[str]:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(body.n)])
-            async for item in job.items():
-                if isinstance(item, RequestFailed):
-                    yield sse(failure(item.message).body())
-                    return
-                if not isinstance(item, TokenOut):
-                    continue
-                r, c = choices[item.choice].push(item)
-                delta = {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {})}
-                logprobs = {"content": [server.chat_logprob(item)]} if body.logprobs else None
-                if delta or logprobs:
-                    yield chunk([{"index": item.choice, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
-                if item.finish_reason is not None:
-                    yield chunk([{"index": item.choice, "delta": {}, "logprobs": None,
-                                  "finish_reason": item.finish_reason}])
-            if include_usage:
-                yield chunk([], usage=usage())
-            yield sse("[DONE]")
+        def render(item: TokenOut) -> list[str]:
+            r, c = choices[item.choice].push(item)
+            delta = {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {})}
+            logprobs = {"content": [server.chat_logprob(item)]} if body.logprobs else None
+            out = []
+            if delta or logprobs:
+                out.append(chunk([{"index": item.choice, "delta": delta, "logprobs": logprobs, "finish_reason": None}]))
+            if item.finish_reason is not None:
+                out.append(chunk([{"index": item.choice, "delta": {}, "logprobs": None,
+                                   "finish_reason": item.finish_reason}]))
+            return out
 
-        return streaming(events())
+        head = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None} for i in range(body.n)])
+        return streaming(events(job, render, head, lambda: chunk([], usage=usage()) if include_usage else ""))
+
 
     async for item in job.items():
         if isinstance(item, RequestFailed):
@@ -347,27 +377,20 @@ async def completion(server: Server, http: Request, body: CompletionRequest):
                 data["usage"] = extra.get("usage")
             return sse(data)
 
-        async def events() -> AsyncIterator[str]:
-            async for item in job.items():
-                if isinstance(item, RequestFailed):
-                    yield sse(failure(item.message).body())
-                    return
-                if not isinstance(item, TokenOut):
-                    continue
-                c = choices[item.choice]
-                delta = c.push(item)
-                if delta or want_logprobs:
-                    yield chunk([{"index": item.choice, "text": delta,
-                                  "logprobs": c.logprobs(len(c.tokens) - 1) if want_logprobs else None,
-                                  "finish_reason": None}])
-                if item.finish_reason is not None:
-                    yield chunk([{"index": item.choice, "text": "", "logprobs": None,
-                                  "finish_reason": item.finish_reason}])
-            if include_usage:
-                yield chunk([], usage=usage())
-            yield sse("[DONE]")
+        def render(item: TokenOut) -> list[str]:
+            c = choices[item.choice]
+            delta = c.push(item)
+            out = []
+            if delta or want_logprobs:
+                out.append(chunk([{"index": item.choice, "text": delta,
+                                   "logprobs": c.logprobs(len(c.tokens) - 1) if want_logprobs else None,
+                                   "finish_reason": None}]))
+            if item.finish_reason is not None:
+                out.append(chunk([{"index": item.choice, "text": "", "logprobs": None,
+                                   "finish_reason": item.finish_reason}]))
+            return out
 
-        return streaming(events())
+        return streaming(events(job, render, "", lambda: chunk([], usage=usage()) if include_usage else ""))
 
     async for item in job.items():
         if isinstance(item, RequestFailed):
@@ -380,6 +403,25 @@ async def completion(server: Server, http: Request, body: CompletionRequest):
             "choices": [{"index": i, "text": "".join(c.parts), "logprobs": c.logprobs() if want_logprobs else None,
                          "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
             "usage": usage()}
+
+
+async def events(job: Job, render: Callable[[TokenOut], list[str]], head: str,
+                 tail: Callable[[], str]) -> AsyncIterator[str]:
+    """The server-sent events of one request: `head`, the chunks `render` makes of each token (what has
+    arrived together is written together), `tail()` and `[DONE]`; a failure is one error event."""
+    if head:
+        yield head
+    async for batch in job.batches():
+        out = []
+        for item in batch:
+            if isinstance(item, RequestFailed):
+                yield "".join(out) + sse(failure(item.message).body())
+                return
+            if isinstance(item, TokenOut):
+                out += render(item)
+        if out:
+            yield "".join(out)
+    yield tail() + sse("[DONE]")
 
 
 def streaming(events: AsyncIterator[str]) -> StreamingResponse:
@@ -396,6 +438,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        server.mailbox = Mailbox(asyncio.get_running_loop())
         engine.start()
         try:
             yield
