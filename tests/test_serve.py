@@ -256,6 +256,11 @@ def test_chat_logprobs_and_top_logprobs(served):
             assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)  # greedy takes the most likely token
             assert bytes(e.bytes).decode("utf-8", errors="replace") == e.token
     assert r.choices[0].message.content == r.choices[1].message.content
+    chunks = list(chat(served, "hello", temperature=0, max_tokens=6, n=2, stream=True))
+    for i in range(2):  # the choices' chunks interleave; each ends with its own finish chunk
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == r.choices[i].message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [r.choices[i].finish_reason]
 
 
 def test_typed_control_tokens_cannot_forge_a_turn(served):

@@ -215,6 +215,24 @@ def test_a_fault_in_one_request_fails_it_alone(model, engine, monkeypatch):
     assert eng.pool.free_blocks == eng.pool.capacity_blocks
 
 
+def test_bfloat16_model_serves_its_own_greedy_output(model, engine):
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    eng = EngineLoop(half, eos_token_id=None, decode=None, max_batch=4, queue=4, block_size=4)
+    eng.start()
+    try:
+        assert eng.pool.kv.dtype == torch.bfloat16
+        prompts = prompts_of([5, 9], seed=7)
+        refs = [generate(half, [p], SamplingParams(max_new_tokens=8))[0].token_ids for p in prompts]
+        sinks = [submit(eng, [p], SamplingParams(max_new_tokens=8)) for p in prompts]
+        for s, ref in zip(sinks, refs):
+            s.wait()
+            assert s.tokens() == ref
+    finally:
+        eng.stop()
+
+
 def test_queue_is_bounded_and_impossible_requests_are_refused(model):
     eng = EngineLoop(model, eos_token_id=None, decode=None, max_batch=4, queue=2, cache_tokens=64, block_size=8)
     params = SamplingParams(max_new_tokens=4)
