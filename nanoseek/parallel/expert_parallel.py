@@ -68,14 +68,19 @@ class Received:
 class ExpertParallel:
     """The `MoE.expert_dispatcher` of one MoE layer under EP."""
 
-    def __init__(self, group: dist.ProcessGroup, n_experts: int, node_of=None, meter: TrafficMeter | None = None):
+    def __init__(self, group: dist.ProcessGroup, n_experts: int, ranks_per_node: int | None = None,
+                 meter: TrafficMeter | None = None):
+        """`ranks_per_node`: EP ranks on one (possibly simulated) node, default all; `meter` counts traffic."""
         self.group = group
         self.ep = dist.get_world_size(group)
         self.me = dist.get_rank(group)
         self.n_experts = n_experts
         self.n_local = n_experts // self.ep
-        self.node_of = node_of or (lambda rank: 0)
+        self.ranks_per_node = min(ranks_per_node or self.ep, self.ep)
         self.meter = meter
+
+    def node_of(self, ep_rank: int) -> int:
+        return ep_rank // self.ranks_per_node
 
     def local_weights(self, experts: GroupedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's experts' weights: the local shard of the DTensors (or a slice of full tensors)."""
@@ -108,7 +113,7 @@ class ExpertParallel:
         out = expert_mlp(batch.rows, *self.local_weights(experts), batch.offsets)
         if self.meter is not None:
             self.meter.record(idx, batch.sent, x.shape[1] * x.element_size(), self.me, self.node_of,
-                              self.n_experts // max(1, self.node_of(self.ep - 1) + 1))
+                              experts_per_node=self.n_local * self.ranks_per_node)
         return combine(self.send_back(out, batch), plan, weights), plan.counts
 
 
@@ -118,7 +123,7 @@ def apply_expert_parallel(model: nn.Module, ctx: ParallelContext, meter: Traffic
     mesh = ctx.mesh["dp_shard", "ep"]
     expert_params: set[nn.Parameter] = set()
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        moe.expert_dispatcher = ExpertParallel(ctx.ep_group, moe.cfg.n_routed_experts, ctx.node_of, meter)
+        moe.expert_dispatcher = ExpertParallel(ctx.ep_group, moe.cfg.n_routed_experts, ctx.cfg.ranks_per_node, meter)
         for name, param in list(moe.experts.named_parameters(recurse=False)):
             sharded = nn.Parameter(distribute_tensor(param.data, mesh, [Replicate(), Shard(0)]))
             setattr(moe.experts, name, sharded)

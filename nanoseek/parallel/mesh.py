@@ -63,10 +63,6 @@ class ParallelContext:
     def dp_shard_group(self) -> dist.ProcessGroup:
         return self.mesh.get_group("dp_shard")
 
-    def node_of(self, ep_rank: int) -> int:
-        """The (possibly simulated) node of EP rank `ep_rank` within this rank's EP group."""
-        return ep_rank // min(self.cfg.ep, self.cfg.ranks_per_node)
-
 
 def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
     """Create the process group (nccl on CUDA, gloo on CPU; env:// from torchrun) and the mesh.
