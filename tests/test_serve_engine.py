@@ -233,6 +233,19 @@ def test_bfloat16_model_serves_its_own_greedy_output(model, engine):
         eng.stop()
 
 
+def test_prefill_batches_are_bounded(model):
+    eng = EngineLoop(model, eos_token_id=None, decode=None, max_batch=8, queue=8, block_size=4,
+                     max_prefill_tokens=20)
+    sinks = [submit(eng, [p], SamplingParams(max_new_tokens=3)) for p in prompts_of([8, 7, 8, 30], seed=8)]
+    eng.start()  # all four wait before the first iteration
+    try:
+        for s in sinks:
+            assert isinstance(s.wait(), RequestDone)
+        assert eng.stats.prefills == 3  # 2 x 8 <= 20; then 1 x 8 (2 x 30 > 20); the 30-token prompt alone
+    finally:
+        eng.stop()
+
+
 def test_queue_is_bounded_and_impossible_requests_are_refused(model):
     eng = EngineLoop(model, eos_token_id=None, decode=None, max_batch=4, queue=2, cache_tokens=64, block_size=8)
     params = SamplingParams(max_new_tokens=4)

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-tokens", type=int, help="latent cache size in tokens, shared by all rows "
                    "(default: max-batch x the model's context)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="newcomers prefilled together at most (rows x longest prompt); a longer prompt goes alone")
     p.add_argument("--speculative", action="store_true",
                    help="draft one token ahead with the model's MTP module, verify with the trunk")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -55,6 +57,7 @@ def check(args: argparse.Namespace) -> None:
     require(args.max_batch >= 1, "--max-batch", args.max_batch, "an integer >= 1")
     require(args.queue >= 0, "--queue", args.queue, "an integer >= 0")
     require(args.block_size >= 1, "--block-size", args.block_size, "an integer >= 1")
+    require(args.max_prefill_tokens >= 1, "--max-prefill-tokens", args.max_prefill_tokens, "an integer >= 1")
     require(args.cache_tokens is None or args.cache_tokens >= args.block_size, "--cache-tokens", args.cache_tokens,
             "at least one block (--block-size)")
     require(args.threads is None or args.threads >= 1, "--threads", args.threads, "an integer >= 1")
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(args.model).resolve().name
     engine = EngineLoop(model.eval(), eos_token_id=tokenizer.eos_id, decode=tokenizer.decode,
                         max_batch=args.max_batch, queue=args.queue, cache_tokens=args.cache_tokens,
-                        block_size=args.block_size, speculative=args.speculative)
+                        block_size=args.block_size, speculative=args.speculative,
+                        max_prefill_tokens=args.max_prefill_tokens)
     app = create_app(engine, tokenizer, name, tuple(args.allow_origin))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

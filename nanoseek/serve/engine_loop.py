@@ -4,8 +4,9 @@
              -> one decode step for every running row -> a row leaves the batch the step it finishes
 
 Each iteration: drop rows whose client went away (their cache blocks go back to the pool), admit
-waiting requests while the batch and the cache have room, prefill all newcomers in one left-padded
-forward, then advance every running row by one decode step (one trunk token, or with `speculative=True`
+waiting requests while the batch and the cache have room, prefill the newcomers in one left-padded
+forward (at most `max_prefill_tokens` padded tokens, which bounds the pass's transient memory and how
+long running rows wait for it; a longer single request is prefilled alone), then advance every running row by one decode step (one trunk token, or with `speculative=True`
 one MTP verification step of up to two tokens). A request with `n` choices (or several prompts) is one
 row per choice.
 
@@ -144,11 +145,13 @@ class Stats:
 # ---------------------------------------------------------------------------------------------- the loop
 class EngineLoop:
     def __init__(self, model, *, eos_token_id: int | Sequence[int] | None, decode: Decode, max_batch: int = 32,
-                 queue: int = 64, cache_tokens: int | None = None, block_size: int = 16, speculative: bool = False):
+                 queue: int = 64, cache_tokens: int | None = None, block_size: int = 16, speculative: bool = False,
+                 max_prefill_tokens: int = 4096):
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         self.model, self.eos, self.decode = model, eos_token_id, decode
         self.max_batch, self.queue_size, self.speculative = max_batch, queue, speculative
+        self.max_prefill_tokens = max_prefill_tokens  # rows x longest prompt of one batched prefill
         self.context = model.config.max_position_embeddings
         tokens = cache_tokens if cache_tokens is not None else max_batch * self.context
         self.pool = BlockPool.for_model(model, tokens, block_size, extra_layers=1 if speculative else 0)
@@ -271,14 +274,18 @@ class EngineLoop:
 
     def _admit(self) -> list[Row]:
         rows: list[Row] = []
+        longest = 0
         with self._cv:
             while self._waiting:
                 request = self._waiting[0]
                 need = sum(self.blocks_needed(len(p), request.params.max_new_tokens) for p in request.prompts)
+                padded = (len(rows) + len(request.prompts)) * max(longest, *map(len, request.prompts))
                 if (len(self._running) + len(rows) + len(request.prompts) > self.max_batch
-                        or self._promised + need > self.pool.capacity_blocks):
+                        or self._promised + need > self.pool.capacity_blocks
+                        or rows and padded > self.max_prefill_tokens):
                     break  # first come, first served: later requests wait behind this one
                 self._waiting.popleft()
+                longest = max(longest, *map(len, request.prompts))
                 try:
                     rows += self._start(request, need)
                 except Exception as e:  # e.g. parameters the engine refuses
