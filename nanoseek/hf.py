@@ -25,6 +25,7 @@ from nanoseek.data.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.device import resolve_device
 from nanoseek.errors import SettingError, UserError, warn
 from nanoseek.files import atomic_write, write_json
+from nanoseek.fp8.checkpoint import QUANTIZATION_CONFIG, quantize_checkpoint
 from nanoseek.model import DeepseekV3ForCausalLM
 from nanoseek.model.state_dict_adapter import (CheckpointError, dequantize_checkpoint, from_checkpoint,
                                                has_mtp_tensors, to_checkpoint)
@@ -191,10 +192,11 @@ def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
 
 
 def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
-                    tokenizer_files: dict[str, Path] | None = None) -> Path:
+                    tokenizer_files: dict[str, Path] | None = None, fp8: bool = False) -> Path:
     """Write config.json, generation_config.json and safetensors shards (+ index when more than one) in
     DeepSeek/HF layout. `tokenizer_files` (see `tokenizer_files()`) are copied in, and the tokenizer's
-    bos / eos / pad ids go into both configs, so transformers' `generate` stops at our eos."""
+    bos / eos / pad ids go into both configs, so transformers' `generate` stops at our eos.
+    `fp8`: projection weights in DeepSeek's FP8 format (nanoseek.fp8.checkpoint)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -203,6 +205,8 @@ def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_by
         cfg = cfg.replace(**special_token_ids(load_tokenizer(files["tokenizer.json"])))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tensors = to_checkpoint(state, cfg)
+    if fp8:
+        tensors = quantize_checkpoint(tensors)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(tensors):
@@ -215,6 +219,9 @@ def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_by
         size += nbytes
     dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
     cfg.replace(torch_dtype=dtype_name).save(path)
+    if fp8:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        write_json(path / "config.json", {**config, "quantization_config": QUANTIZATION_CONFIG})
     write_json(path / "generation_config.json", {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                                                   "pad_token_id": cfg.pad_token_id})
     for name, src in files.items():

@@ -23,6 +23,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.ffn import FFN
+from nanoseek.model.linear import GroupedGemm, grouped_gemm
 from nanoseek.model.router import Router, sequence_balance_loss
 
 
@@ -66,11 +67,13 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 def expert_mlp(rows: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-               offsets: torch.Tensor) -> torch.Tensor:
+               offsets: torch.Tensor, mm: GroupedGemm | None = None) -> torch.Tensor:
     """The routed experts' SwiGLU as two grouped GEMMs: rows [M, D] sorted by expert, weights
-    [E, 2I, D] / [E, D, I], offsets [E] -> [M, D]. Expert parallelism calls it on its local experts."""
-    gate, up = _grouped_mm(rows, gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
-    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offsets)
+    [E, 2I, D] / [E, D, I], offsets [E] -> [M, D]. Expert parallelism calls it on its local experts.
+    `mm`: the experts' GEMM (`GroupedExperts.grouped_mm`, e.g. FP8), None = `_grouped_mm`."""
+    mm = mm or _grouped_mm
+    gate, up = mm(rows, gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
+    return mm(F.silu(gate) * up, down_proj.transpose(1, 2), offsets)
 
 
 class GroupedExperts(nn.Module):
@@ -81,13 +84,18 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        # The GEMM installed by `nanoseek.model.linear.set_grouped_gemm` when built (FP8), None = default
+        self.grouped_mm = grouped_gemm()
 
     def forward(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Rows [N*K, D] sorted by expert (see `dispatch`) -> each row through its expert."""
-        return expert_mlp(rows, self.gate_up_proj, self.down_proj, offsets)
+        return expert_mlp(rows, self.gate_up_proj, self.down_proj, offsets, self.grouped_mm)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Routed expert e on rows x [n, D]: down(silu(gate(x)) * up(x))."""
+        if self.grouped_mm is not None:  # the installed GEMM, on one group
+            offsets = torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
+            return expert_mlp(x, self.gate_up_proj[e:e + 1], self.down_proj[e:e + 1], offsets, self.grouped_mm)
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 from nanoseek.config import PRESETS, ModelConfig, preset
 from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, require
+from nanoseek.fp8 import require_fp8
 from nanoseek.train.schedule import piecewise
 
 try:
@@ -94,6 +95,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda[:N] | mps
     seed: int = 0
     compile: bool = False
+    fp8: bool = False  # DeepSeek-V3's FP8 recipe for projections and routed experts (docs/fp8.md)
+    adam_moments: str = "float32"  # float32 | bfloat16 (V3 keeps AdamW's moments in BF16)
     # checkpointing and logging
     log_every: int = 1
     eval_every: int = 50  # 0 = only at the end
@@ -156,6 +159,7 @@ class TrainerConfig:
             (_finite(self.bias_gamma_off_frac, 0, 1), "bias_gamma_off_frac", "in [0, 1]"),
             (_finite(self.aux_alpha), "aux_alpha", "a finite number >= 0"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype", "auto, float32 or bfloat16"),
+            (self.adam_moments in ("float32", "bfloat16"), "adam_moments", "float32 or bfloat16"),
             (0 <= self.seed < 2**32, "seed", "in [0, 2**32)"),
             (self.log_every >= 1, "log_every", ">= 1"),
             (self.eval_every >= 0, "eval_every", ">= 0 (0 = only at the end)"),
@@ -170,7 +174,9 @@ class TrainerConfig:
         """Every setting, before any work starts: one SettingError naming the first bad one."""
         for ok, name, allowed in self.checks():
             require(ok, name, getattr(self, name), allowed)
-        resolve_device(self.device, "device")
+        device = resolve_device(self.device, "device")
+        if self.fp8:
+            require_fp8(device)
         self.model_config()  # an unknown preset or a bad model override fails here, not after loading data
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, is_finite_number, warn
 from nanoseek.files import atomic_dir, write_json
+from nanoseek.fp8.optim import AdamW as BF16MomentAdamW
 from nanoseek.hf import load_weights, save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
 from nanoseek.train.checkpoint import (
@@ -84,10 +85,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW over fp32 parameters; no weight decay on norms, biases and other 1-D tensors."""
+    """AdamW over fp32 parameters; no weight decay on norms, biases and other 1-D tensors. Moments in
+    fp32, or in BF16 with adam_moments=bfloat16 (V3; nanoseek.fp8.optim)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.adam_moments == "bfloat16":
+        return BF16MomentAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from nanoseek.cost.accounting import train_flops_per_token as flops_per_token
 from nanoseek.errors import UserError, warn
+from nanoseek.fp8 import fp8_model_build
 from nanoseek.hf import load_weights, tokenizer_files
 from nanoseek.inference.engine import hf_generate
 from nanoseek.model import DeepseekV3ForCausalLM
@@ -53,7 +54,8 @@ def build_model(cfg: TrainerConfig, vocab_needed: int, seq_len: int | None = Non
     if seq_len is not None and seq_len > model_cfg.max_position_embeddings:
         raise UserError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
                         f"{model_cfg.max_position_embeddings} (use YaRN: yarn_factor=..., or raise it)")
-    model = DeepseekV3ForCausalLM(model_cfg)
+    with fp8_model_build(cfg.fp8):  # fp8=true: FP8 projections and routed experts (docs/fp8.md)
+        model = DeepseekV3ForCausalLM(model_cfg)
     if cfg.init_from:
         if not Path(cfg.init_from).is_dir():
             raise UserError(f"init_from={cfg.init_from} is not a model directory")
