@@ -98,7 +98,7 @@ def test_v3_run_memory_time_and_what_ifs():
     assert dual[5]["micro_batches_held"] == 17
     assert one[0]["micro_batches_held"] == 16 and one[15]["micro_batches_held"] == 1
     # the ZeRO-1 optimizer shard is 1/128 (dense) and 1/2 (experts) of the full state
-    assert pub["derived"]["dp"] == 128 and pub["derived"]["expert_dp"] == 2
+    assert pub["derived"]["dp"] == 128 and pub["derived"]["dp_shard"] == 2
     # node-limited routing: 4 of 8 nodes, 7/8 of them remote -> 3.5 copies over the network; no limit -> 7
     assert pub["time"]["all_to_all_per_token_per_moe_layer"]["network_copies"] == 3.5
     assert rows["no node limit"]["time"]["all_to_all_per_token_per_moe_layer"]["network_copies"] == 7
@@ -217,6 +217,7 @@ def test_cli_text_and_json(capsys):
     (["plan", "--calibrate", "--batch", "0"], "invalid setting `--batch`"),
     (["plan", "llama-3.1-405b", "--calibrate"], "trains a nanoseek (DeepSeek-V3 family) model"),
     (["plan", "tiny", "--split", "random"], "invalid setting `--split`"),
+    (["plan", "tiny", "--gpus", "8", "--ep", "2", "--dp-shard", "2"], "pp 1 x dp_shard 2 x ep 2 = 4 is not the 8 GPUs"),
     (["plan", "deepseek-v3", "--calibrate"], "more than half of this machine"),
 ])
 def test_bad_input_is_one_error_line(capsys, argv, message):

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lo = p.add_argument_group("parallel layout")
     lo.add_argument("--pp", type=int, default=1)
     lo.add_argument("--ep", type=int, default=1)
-    lo.add_argument("--dp-shard", type=int, help="ranks the ZeRO/FSDP state is sharded over (all of dp)")
+    lo.add_argument("--dp-shard", type=int, help="mesh dim: GPUs = pp x dp_shard x ep (derived; if given, checked)")
     lo.add_argument("--zero", type=int, default=1, help="0, 1 (optimizer states), 2 (+ grads), 3 (FSDP) (1)")
     lo.add_argument("--schedule", default="1f1b", help="|".join(SCHEDULES) + " (1f1b)")
     lo.add_argument("--virtual-stages", type=int, default=2, help="chunks per device, interleaved_1f1b (2)")

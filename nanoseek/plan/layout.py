@@ -1,7 +1,10 @@
-"""The parallel layout of a training job, in the vocabulary of `parallel.*` (docs/distributed.md):
-pipeline stages `pp` with a `schedule`, expert parallelism `ep`, data parallelism over the rest with
-its state sharded `dp_shard` ways (ZeRO stage `zero`; 3 = FSDP), micro-batches, sequence length,
-precision and activation recomputation. `resolve` checks it against a model and a cluster (one clear
+"""The parallel layout of a training job, in the vocabulary of `parallel.*` (nanoseek.parallel.config):
+the GPUs form a mesh (pp, dp_shard, ep): `pp` pipeline stages run a `schedule`; within a stage the
+routed experts are split over `ep` ranks and every rank reads its own data, so data parallelism is
+dp = dp_shard x ep ways (EP ranks are data-parallel for everything but the experts, as in DeepSeek-V3),
+and each expert has dp_shard replicas. ZeRO stage `zero` (3 = FSDP) shards the dense state over all dp
+ranks and the expert state over its dp_shard replicas. Also micro-batches, sequence length, precision
+and activation recomputation. `resolve` checks it against a model and a cluster (one clear
 error per inconsistency) and derives the degrees and which pipeline chunks each device holds."""
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ DUAL = ("dualpipe", "dualpipev")  # schedules that overlap one micro-batch's for
 class Layout:
     pp: int = 1
     ep: int = 1
-    dp_shard: int | None = None     # ranks the ZeRO/FSDP state is sharded over; None = all of dp
+    dp_shard: int | None = None     # mesh dim: GPUs = pp x dp_shard x ep; None = derived from the GPU count
     zero: int = 1                   # 0 none, 1 optimizer states, 2 + gradients, 3 + parameters (FSDP)
     schedule: str = "1f1b"
     virtual_stages: int = 2         # chunks per device for interleaved_1f1b
@@ -49,10 +52,8 @@ class Layout:
 class Resolved:
     """A layout checked against a model and a cluster, with everything derived from it."""
     layout: Layout
-    dp: int                 # data-parallel degree of the dense weights (GPUs per pipeline stage)
-    dp_shard: int
-    expert_dp: int          # replicas of each expert (dp / ep)
-    expert_shard: int       # ranks an expert's ZeRO/FSDP state is sharded over
+    dp: int                 # data-parallel degree of the dense weights (GPUs per pipeline stage) = dp_shard x ep
+    dp_shard: int           # replicas of each expert (dp / ep): its ZeRO/FSDP state is sharded over them
     n_micro: int            # micro-batches per optimizer step per pipeline
     global_batch: int
     n_chunks: int
@@ -188,11 +189,9 @@ def resolve(layout: Layout, cfg: Any, cl: Cluster, bl: list[Block]) -> Resolved:
         if dp % lo.ep:
             raise UserError(f"--ep {lo.ep} does not divide the data-parallel degree {dp} "
                             f"({cl.n_gpus} GPUs / pp {lo.pp}): expert parallelism borrows data-parallel ranks")
-    dp_shard = dp if lo.dp_shard is None else lo.dp_shard
-    require(isinstance(dp_shard, int) and dp_shard >= 1 and dp % dp_shard == 0, "--dp-shard", lo.dp_shard,
-            f"a divisor of the data-parallel degree {dp}")
-    if lo.zero == 0 and dp_shard > 1 and lo.dp_shard is not None:
-        raise UserError(f"--dp-shard {lo.dp_shard} with --zero 0: nothing is sharded (use --zero 1, 2 or 3)")
+    if lo.dp_shard is not None and lo.pp * lo.dp_shard * lo.ep != cl.n_gpus:
+        raise UserError(f"pp {lo.pp} x dp_shard {lo.dp_shard} x ep {lo.ep} = {lo.pp * lo.dp_shard * lo.ep} is not "
+                        f"the {cl.n_gpus} GPUs (leave --dp-shard out to derive it)")
     per_replica = lo.micro_batch * dp
     if lo.global_batch is None:
         n_micro = max(_min_micro(lo), 1)
@@ -214,7 +213,7 @@ def resolve(layout: Layout, cfg: Any, cl: Cluster, bl: list[Block]) -> Resolved:
     g = min(lo.ep, cl.gpus_per_node)
     ep_nodes = -(-lo.ep // cl.gpus_per_node)
     limit = _node_limit(lo, c, ep_nodes)
-    return Resolved(lo, dp, dp_shard, dp // lo.ep, max(1, dp_shard // lo.ep), n_micro, n_micro * per_replica, chunks,
+    return Resolved(lo, dp, dp // lo.ep, n_micro, n_micro * per_replica, chunks,
                     device_chunks(lo), chunk_blocks(bl, chunks, lo.split, _high_weight(cl, lo)), ep_nodes, g, limit)
 
 

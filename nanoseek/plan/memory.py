@@ -55,7 +55,7 @@ def state_bytes(bl: list[Block], r: Resolved, p: Precision, mine: list[int]) -> 
     dense = sum(bl[i].dense_params for i in mine)
     expert = sum(bl[i].expert_params for i in mine) / lo.ep
     full = dense + expert
-    sharded = dense / r.dp_shard + expert / r.expert_shard  # this device's share of a sharded piece
+    sharded = dense / r.dp + expert / r.dp_shard  # this device's share of a sharded piece
     return {
         "weights": (sharded if lo.zero >= 3 else full) * p.weight_bytes,
         "gradients": (sharded if lo.zero >= 2 else full) * p.grad_bytes,

@@ -25,9 +25,9 @@ def _rows(pairs: list[tuple[str, str]]) -> list[str]:
 
 def layout_line(r: dict[str, Any]) -> str:
     lo, d, cl = r["layout"], r["derived"], r["cluster"]
-    return (f"{cl['n_gpus']} x {cl['gpu']}: pp {lo['pp']} {lo['schedule']}, ep {lo['ep']}, dp {d['dp']} "
-            f"(ZeRO-{lo['zero']} over {d['dp_shard']}), {lo['precision']}, recompute {lo['recompute']}, "
-            f"micro-batch {lo['micro_batch']} x {lo['seq_len']}, {d['n_micro']} micro-batches, "
+    return (f"{cl['n_gpus']} x {cl['gpu']}: pp {lo['pp']} {lo['schedule']}, dp_shard {d['dp_shard']}, ep {lo['ep']} "
+            f"(dp {d['dp']}, ZeRO-{lo['zero']}), {lo['precision']}, recompute {lo['recompute']}, "
+            f"micro-batch {lo['micro_batch']} x {lo['seq_len']}, {d['n_micro']} micro-batch(es) per step, "
             f"global batch {d['global_batch']}")
 
 

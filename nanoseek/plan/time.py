@@ -133,11 +133,10 @@ def dp_seconds(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, device: 
     expert_bw = nvl if r.dp <= cl.gpus_per_node else net  # expert replicas sit ep ranks apart
     step = 0.0
     per_micro = 0.0
-    for params, ranks, shard, bw in ((dense, r.dp, r.dp_shard, dense_bw),
-                                     (expert, r.expert_dp, min(r.expert_dp, r.expert_shard), expert_bw)):
+    for params, ranks, bw in ((dense, r.dp, dense_bw), (expert, r.dp_shard, expert_bw)):
         step += ring_seconds(params * p.grad_bytes, ranks, bw) + ring_seconds(params * p.weight_bytes, ranks, bw)
         if lo.zero >= 3:
-            per_micro += 2 * ring_seconds(params * p.weight_bytes, shard, bw)
+            per_micro += 2 * ring_seconds(params * p.weight_bytes, ranks, bw)
     return {"step": step, "per_micro": per_micro}
 
 
@@ -149,7 +148,7 @@ def optimizer_seconds(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, d
     mine = [bl[i] for c in r.device_chunks[device] for i in r.chunk_blocks[c]]
     dense = sum(b.dense_params for b in mine)
     expert = sum(b.expert_params for b in mine) / lo.ep
-    updated = (dense / r.dp_shard + expert / r.expert_shard) if lo.zero >= 1 else dense + expert
+    updated = (dense / r.dp + expert / r.dp_shard) if lo.zero >= 1 else dense + expert
     master = p.master_bytes or p.weight_bytes
     per_param = 2 * master + p.grad_bytes + 4 * p.moment_bytes + (p.weight_bytes if p.master_bytes else 0)
     return updated * per_param / (cl.hbm_tb_s * 1e12 * bw_efficiency)

@@ -50,8 +50,7 @@ def plan_training(model: Any, cl: Cluster, layout: Layout, *, tokens: float | No
     result: dict[str, Any] = {
         "model": name or str(model) if not isinstance(model, dict) else name or "model",
         "cluster": cl.to_dict(), "layout": layout.to_dict(), "precision": p.to_dict(),
-        "derived": {"dp": r.dp, "dp_shard": r.dp_shard, "dp_replicate": r.dp // r.dp_shard,
-                    "expert_dp": r.expert_dp, "expert_shard": r.expert_shard, "n_micro": r.n_micro,
+        "derived": {"dp": r.dp, "dp_shard": r.dp_shard, "n_micro": r.n_micro,
                     "global_batch": r.global_batch, "tokens_per_step": tokens_per_step, "chunks": r.n_chunks,
                     "layers_per_device": [sum(bl[i].layer for c in cs for i in r.chunk_blocks[c])
                                           for cs in r.device_chunks],
@@ -87,7 +86,7 @@ def assumptions(lo: Layout, cl: Cluster, p, gemm_eff: float, bw_eff: float, over
         f"{p.grad_bytes:g} B, 2 AdamW moments x {p.moment_bytes:g} B; ZeRO-{lo.zero} shards "
         + ("nothing" if lo.zero == 0 else "optimizer states" if lo.zero == 1 else
            "optimizer states + gradients" if lo.zero == 2 else "optimizer states + gradients + weights")
-        + " over dp_shard ranks (experts over their replicas)",
+        + " over the dp = dp_shard x ep data-parallel ranks (experts over their dp_shard replicas)",
         f"activations: the tensors nanoseek's implementation keeps for the backward (see nanoseek/plan/blocks.py), "
         f"{p.act_bytes:g} B each, linear-layer inputs {p.linear_in_bytes:g} B, router/loss fp32; recompute="
         f"{lo.recompute}; " + ("fused attention (no T x T matrix)" if lo.attention == "fused" else
