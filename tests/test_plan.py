@@ -228,11 +228,30 @@ def test_bad_input_is_one_error_line(capsys, argv, message):
 
 
 def test_calibration_predicts_memory_of_a_real_training_step():
-    """Runs nanoseek's Trainer in a fresh process; the memory target (15%) is asserted, the step time is
-    reported (on this shared CPU the measured time includes the non-GEMM work the planner does not model)."""
-    from nanoseek.plan.calibrate import calibrate
+    """nanoseek's Trainer runs 2 steps in a fresh process; the planner's peak memory for that step must be
+    within the issue's 15% of the measured peak RSS (docs/plan.md: -6% to -12% at these sizes)."""
+    from nanoseek.config import preset
+    from nanoseek.plan.calibrate import cpu_cluster, predict, run_steps
 
-    r = calibrate("small", seq_len=128, batch=2, steps=1, collective=False)
-    assert r["measured"]["peak_above_baseline"] > 50e6
-    assert r["memory_within_target"], r["memory_error"]
-    assert r["predicted"]["step_s"] > 0 and r["measured"]["step_s"] > 0 and "time_error" in r
+    config = preset("small").to_dict()
+    measured = run_steps(config, batch=4, seq_len=256, steps=1)
+    plan = predict(config, cpu_cluster(50e9, 10e9, None), 4, 256, "small")
+    assert measured["peak_above_baseline"] > 150e6 and measured["step_s"] > 0
+    error = plan["memory"]["peak_bytes"] / measured["peak_above_baseline"] - 1
+    assert abs(error) <= 0.15, error
+
+
+def test_calibration_measures_this_machine():
+    """The machine measurements behind --calibrate, at tiny sizes: every GEMM kind of the model is timed,
+    the FLOP-weighted rate lies between the slowest and the fastest, the copy bandwidth is positive."""
+    from nanoseek.config import preset
+    from nanoseek.plan.calibrate import measure_machine, model_gemms
+
+    cfg = preset("tiny")
+    shapes = model_gemms(cfg, 1, 32)
+    assert {"experts gate/up", "attention q.k", "output head", "MTP eh_proj"} <= set(shapes)
+    fwd = cost.forward_flops_per_token(cfg, 32, include_mtp=True) * 32
+    assert sum(f for _, f in shapes.values()) == pytest.approx(fwd, rel=0.02)  # only norms' weights differ
+    m = measure_machine(cfg, 1, 32, collective=False)
+    rates = m["gemm_flops_per_s"].values()
+    assert min(rates) <= m["gemm_rate_used"] <= max(rates) and m["memory_bytes_per_s"] > 0
