@@ -344,3 +344,29 @@ def test_fp8_without_float8_gemms_is_one_setting_error(monkeypatch):
     assert "not mps" in fp8_unsupported(torch.device("mps"))
     with pytest.raises(SettingError, match="adam_moments"):
         load_train_config(PretrainConfig, None, ["adam_moments=fp16"])
+
+
+def test_expert_parallel_runs_the_fp8_experts(tmp_path, monkeypatch):
+    """Under EP (one gloo rank here) the routed experts still go through the FP8 grouped GEMM, with the
+    same result as the local path."""
+    import torch.distributed as dist
+
+    import nanoseek.fp8.grouped as grouped
+    from nanoseek.parallel.expert_parallel import ExpertParallel
+
+    torch.manual_seed(10)
+    with fp8_model_build():
+        moe = DeepseekV3ForCausalLM(tiny()).model.layers[1].mlp
+    x = torch.randn(2, 24, 64)
+    local = moe(x)
+    calls = []
+    real = grouped.FP8GroupedMMFunction.apply
+    monkeypatch.setattr(grouped.FP8GroupedMMFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        moe.expert_dispatcher = ExpertParallel(dist.group.WORLD, moe.cfg.n_routed_experts)
+        parallel = moe(x)
+    finally:
+        dist.destroy_process_group()
+    assert len(calls) == 2  # gate_up and down
+    assert torch.allclose(parallel, local, atol=1e-6)

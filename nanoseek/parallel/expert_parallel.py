@@ -110,7 +110,7 @@ class ExpertParallel:
                  experts: GroupedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         rows, plan = dispatch(x, idx, self.n_experts)
         batch = self.send(rows, plan.counts)
-        out = expert_mlp(batch.rows, *self.local_weights(experts), batch.offsets)
+        out = expert_mlp(batch.rows, *self.local_weights(experts), batch.offsets, experts.grouped_mm)
         if self.meter is not None:
             self.meter.record(idx, batch.sent, x.shape[1] * x.element_size(), self.me, self.node_of,
                               experts_per_node=self.n_local * self.ranks_per_node)
