@@ -109,6 +109,7 @@ def main() -> None:
         result = one_step(spec)
         if dist.get_rank() == 0:
             (out / f"{spec}.json").write_text(json.dumps(result))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -84,5 +84,8 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
 
 
 def shutdown() -> None:
+    """End of a successful run: wait for every rank, so none tears its connections down while a peer is
+    still using them, then destroy the process group."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

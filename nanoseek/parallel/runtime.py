@@ -50,6 +50,10 @@ class ParallelRuntime:
     def dp_size(self) -> int:
         return self.ctx.dp_size
 
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
     # ------------------------------------------------------------------ a step
     def parallelize(self, model: nn.Module) -> nn.Module:
         return parallelize(model, self.ctx, self.meter)
@@ -77,8 +81,8 @@ class ParallelRuntime:
         if not keys:
             return metrics
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {**metrics, **{k: float(v) / self.ctx.world_size for k, v in zip(keys, t.tolist())}}
+        dist.all_reduce(t, group=self.ctx.dp_mesh.get_group())
+        return {**metrics, **{k: float(v) / self.dp_size for k, v in zip(keys, t.tolist())}}
 
     def traffic_metrics(self, tokens: int) -> dict[str, float]:
         """The EP all-to-all dispatch bytes of the step, summed over ranks, per place and per token
