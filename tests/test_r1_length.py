@@ -106,3 +106,6 @@ def test_r1_length_benchmark_quick(tmp_path, monkeypatch):
     assert "phrase_share" in rows[0] and "test_response_length" in rows[1]
     assert (tmp_path / "r1_length.png").stat().st_size > 0
     assert "| greedy accuracy | 0 |" in (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink()
+    again = module.main(["--quick", "--out", str(tmp_path), "--report-only"])  # no training, same numbers
+    assert again["seeds"] == summary["seeds"] and (tmp_path / "results.md").exists()
