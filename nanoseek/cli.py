@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from nanoseek.errors import UserError
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `nanoseek ... | head` closed our stdout: not an error of the command
+        _silence_stdout()
+        return 0
     except OSError as e:  # a file problem the command did not anticipate: still one line, no traceback
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"nanoseek {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
@@ -65,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":
