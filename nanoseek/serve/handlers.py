@@ -1,14 +1,6 @@
-"""The HTTP side of `nanoseek serve`: OpenAI-compatible routes over one `EngineLoop`.
-
-    POST /v1/chat/completions   the tokenizer's chat format; <think> part as `reasoning_content`
-    POST /v1/completions        raw text prompts (or token ids)
-    GET  /v1/models, /v1/models/{id}, /health
-
-Handlers only translate: body -> token ids + `SamplingParams` -> `engine_loop.Request`, whose tokens
-come back through an asyncio queue (the engine thread hands them over with `call_soon_threadsafe`) and go
-out as one JSON response or as server-sent events in OpenAI's chunk format (a final chunk per choice
-with `finish_reason`, an optional usage chunk, then `data: [DONE]`). A client that disconnects, before
-or during its stream, cancels its request; the engine frees its rows and cache blocks at the next step.
+"""What the routes do: a request body -> token ids and `SamplingParams` -> an engine job, and the job's
+tokens -> OpenAI's response JSON or server-sent events in OpenAI's chunk format (a final chunk per choice
+with `finish_reason`, an optional usage chunk, then `data: [DONE]`).
 
 Message text is untrusted: `Tokenizer.encode_chat` puts role, bos and eos ids in by structure and
 encodes every content string with control tokens spelled as plain text, so typing `<|system|>` into a
@@ -17,118 +9,26 @@ user message cannot forge a system turn; a system (or `developer`) message is ho
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import UserError
 from nanoseek.inference.cli import encode_prompt
 from nanoseek.inference.sampling import SamplingParams
+from nanoseek.serve.bridge import Job, Mailbox
 from nanoseek.serve.detokenize import ChatText, CompletionText, TokenNames
-from nanoseek.serve.engine_loop import (EngineLoop, QueueFull, Request as EngineRequest, RequestDone, RequestFailed,
-                                        ShuttingDown, TokenOut)
+from nanoseek.serve.engine_loop import EngineLoop, RequestFailed, TokenOut
 from nanoseek.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling,
                                      checked_text, error_body)
 
 ROLE_OF = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SEED_RANGE = 2**63  # torch generators take 64-bit seeds; choice i uses seed + i
-
-
-class Disconnected:
-    """Queue marker: the client went away."""
-
-
-class Mailbox:
-    """Hands items from the engine thread to asyncio queues on one event loop. The engine emits a token
-    for every running row each step; waking the loop once per burst instead of once per token keeps the
-    loop's share of the GIL, and its syscalls, small."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue, object]] = []
-        self._scheduled = False
-
-    def post(self, queue: asyncio.Queue, item) -> None:  # any thread
-        with self._lock:
-            self._pending.append((queue, item))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self.loop.call_soon_threadsafe(self._deliver)  # RuntimeError once the loop is closed
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._pending, self._scheduled = self._pending, [], False
-        for queue, item in items:
-            queue.put_nowait(item)
-
-
-class Job:
-    """One HTTP request's engine request and the queue its tokens arrive on."""
-
-    def __init__(self, engine: EngineLoop, mailbox: Mailbox, http: Request, prompts: list[list[int]],
-                 params: SamplingParams, top_logprobs: int):
-        self.engine, self.http = engine, http
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.request = EngineRequest(prompts, params, lambda item: mailbox.post(self.queue, item), top_logprobs)
-        self.finished = False
-
-    def submit(self) -> None:
-        try:
-            self.engine.submit(self.request)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), type="server_error", code="unavailable") from None
-
-    async def batches(self) -> AsyncIterator[list[object]]:
-        """The engine's messages for this request until it is done, in batches of what has arrived (a
-        stream that fell behind catches up in one write); cancels the request if the consumer stops
-        early (the client went away, or the stream was closed)."""
-        watcher = asyncio.create_task(self._watch())
-        try:
-            while True:
-                items = [await self.queue.get()]
-                while not self.queue.empty():
-                    items.append(self.queue.get_nowait())
-                batch = []
-                for item in items:
-                    if isinstance(item, Disconnected):
-                        return
-                    batch.append(item)
-                    if isinstance(item, (RequestDone, RequestFailed)):
-                        self.finished = True
-                        yield batch
-                        return
-                yield batch
-        finally:
-            watcher.cancel()
-            if not self.finished:
-                self.request.cancel()
-
-    async def items(self) -> AsyncIterator[object]:
-        async for batch in self.batches():
-            for item in batch:
-                yield item
-
-    async def _watch(self) -> None:
-        while not await self.http.is_disconnected():
-            await asyncio.sleep(0.25)
-        self.request.cancel()
-        self.queue.put_nowait(Disconnected())
 
 
 class Server:
@@ -427,76 +327,3 @@ async def events(job: Job, render: Callable[[TokenOut], list[str]], head: str,
 def streaming(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-# ---------------------------------------------------------------------------------------------- the app
-def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str,
-               cors_origins: tuple[str, ...] = ()) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine thread and stops it on shutdown. `cors_origins`
-    lets browser pages from those origins call the API directly (a chat UI served from elsewhere)."""
-    server = Server(engine, tokenizer, model_name)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        server.mailbox = Mailbox(asyncio.get_running_loop())
-        engine.start()
-        try:
-            yield
-        finally:
-            await asyncio.get_running_loop().run_in_executor(None, engine.stop)
-
-    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"])
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        message = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg"))
-        return JSONResponse(error_body(message, param=loc or None), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
-
-    @app.get("/health")
-    async def health():
-        body = {"status": "ok" if engine.alive else "stopped", "model": model_name, **engine.load()}
-        return JSONResponse(body, status_code=200 if engine.alive else 503)
-
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": server.created, "owned_by": "nanoseek",
-                "context_length": server.context}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        server.check_model(model_id)
-        return model_card()
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
-        return await chat_completion(server, request, body)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await completion(server, request, body)
-
-    return app
