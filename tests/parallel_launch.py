@@ -4,6 +4,7 @@ one thread each, with a hard deadline: a hung collective kills every child and f
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,10 +22,12 @@ def free_port() -> int:
 
 
 def launch(args: list[str], nprocs: int, timeout: float, kill_rank: int | None = None,
-           kill_when: Path | None = None) -> list[tuple[int, str]]:
+           kill_when: Path | None = None, kill_signal: int = signal.SIGKILL) -> list[tuple[int, str]]:
     """Run `python <args>` as ranks 0..nprocs-1; returns (returncode, output) per rank. With `kill_rank`,
-    that rank is SIGKILLed as soon as the path `kill_when` exists (a crashed machine). Raises TimeoutError,
-    after killing every child, when they are not all done within `timeout` seconds."""
+    that rank gets `kill_signal` as soon as the path `kill_when` exists: SIGKILL for a crashed machine,
+    SIGSTOP for a hung one (its return code is then reported as None, and it is killed once the others
+    are done). Raises TimeoutError, after killing every child, when they are not all done within
+    `timeout` seconds."""
     port = free_port()
     procs, logs = [], []
     for rank in range(nprocs):
@@ -37,16 +40,18 @@ def launch(args: list[str], nprocs: int, timeout: float, kill_rank: int | None =
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs):
+        signalled = False
+        while any(p.poll() is None for rank, p in enumerate(procs) if not (signalled and rank == kill_rank)):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{nprocs} processes still running after {timeout:.0f}s (hung collective?)")
-            if kill_rank is not None and kill_when.exists() and procs[kill_rank].poll() is None:
-                procs[kill_rank].kill()
+            if kill_rank is not None and not signalled and kill_when.exists():
+                procs[kill_rank].send_signal(kill_signal)
+                signalled = True
             time.sleep(0.05)
         outputs = []
         for p, log in zip(procs, logs):
             log.seek(0)
-            outputs.append((p.returncode, log.read()))
+            outputs.append((p.poll(), log.read()))
         return outputs
     finally:
         for p in procs:
