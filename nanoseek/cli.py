@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("nanoseek.r1.sample", "rejection sampling: keep verified completions as SFT data"),
     "distill": ("nanoseek.r1.distill", "distil a teacher's verified traces into a smaller student"),
     "eval": ("nanoseek.r1.evaluate", "evaluate a model on a task's test split"),
+    "r1": ("nanoseek.r1.pipeline", "DeepSeek-R1's four stages (cold start, RL, rejection SFT, RL) + distillation"),
     "generate": ("nanoseek.inference.cli", "generate text from a model directory"),
     "chat": ("nanoseek.inference.chat", "interactive chat with a model"),
     "serve": ("nanoseek.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),

@@ -94,7 +94,7 @@ def check_constant_reward(rows: list[dict]) -> Finding:
 
 def check_kl(rows: list[dict], beta: float | None = None) -> Finding:
     xs = _series(rows, "kl")
-    if not xs or beta == 0 or max(xs) == 0:
+    if not xs or beta == 0:
         return Finding("KL blow-up", True, None, "not measured (beta = 0: no reference model)")
     top = max(xs)
     step = rows[[i for i, r in enumerate(rows) if "kl" in r][xs.index(top)]].get("step", "?")
