@@ -48,6 +48,8 @@ def test_r1_pipeline_runs_every_stage_and_caches(base_dir, tmp_path, monkeypatch
     models = json.loads((tmp_path / "eval" / "result.json").read_text())["models"]
     assert models["cold_start"]["format_rate"] > models["base"]["format_rate"]
     assert models["distill"]["params"] < models["final_rl"]["params"]
+    student = json.loads((tmp_path / "distill" / "run" / "model" / "config.json").read_text())
+    assert student["first_k_dense_replace"] == student["num_hidden_layers"]  # a dense student
     assert main(args) == 0 and capsys.readouterr().out.count("cached") == len(STAGES)
 
 

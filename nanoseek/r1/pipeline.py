@@ -11,7 +11,8 @@ part-way resumes from its checkpoints):
   rejection     k samples per training problem from the RL model; the correct, readable ones
   sft           SFT of the *base* model on them (R1 trains DeepSeek-V3-Base on this data, not the RL model)
   final_rl      GRPO from the SFT model, same rewards
-  distill       SFT of a small dense student (a preset, from scratch) on the final model's verified traces
+  distill       SFT of a small dense student (a preset with dense FFNs, from scratch) on the final model's
+                verified, readable traces
   eval          held-out evaluation of every stage's model (accuracy, length, format, readability)
 """
 
@@ -28,6 +29,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
+from nanoseek.config import PRESETS, preset
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import UserError, require
 from nanoseek.files import write_json
@@ -75,7 +77,8 @@ class R1Config:
     k: int = 4
     sft_epochs: int = 2
     # distillation
-    student: str = "tiny"
+    student: str = "tiny"  # a preset, built from scratch
+    student_dense: bool = True  # every trunk layer a dense FFN (R1 distils into dense Qwen / Llama models)
     distill_epochs: int = 5
     distill_lr: float = 1e-3
     eval_k: int = 4
@@ -91,6 +94,7 @@ class R1Config:
             (self.k >= 1 and self.eval_k >= 1, "k", ">= 1"),
             (all(math.isfinite(x) and x > 0 for x in (self.sft_lr, self.rl_lr, self.distill_lr)), "lr", "> 0"),
             (self.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
+            (self.student in PRESETS, "student", " | ".join(PRESETS)),
         ]:
             require(ok, name, getattr(self, name, None), allowed)
 
@@ -149,7 +153,9 @@ class R1Pipeline:
                       eval_every=0, save_every=0, tensorboard=False, seed=self.cfg.seed)
         resume = bool(list_checkpoints(folder / "run" / "checkpoints"))
         if student:
-            run_distill(DistillConfig(model=student, tokenizer=self.cfg.model, **common), resume=resume)
+            dense = {"first_k_dense_replace": preset(student).num_hidden_layers} if self.cfg.student_dense else {}
+            run_distill(DistillConfig(model=student, tokenizer=self.cfg.model, model_overrides=dense, **common),
+                        resume=resume)
         else:
             run_sft(SFTConfig(model=init, init_from=init, **common), resume=resume)
         return str(folder / "run" / "model")
