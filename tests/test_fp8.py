@@ -370,3 +370,39 @@ def test_expert_parallel_runs_the_fp8_experts(tmp_path, monkeypatch):
         dist.destroy_process_group()
     assert len(calls) == 2  # gate_up and down
     assert torch.allclose(parallel, local, atol=1e-6)
+
+
+def test_sft_and_grpo_train_with_fp8(tmp_path, monkeypatch):
+    """The R1 recipes build their model with build_model, so fp8=true reaches them too."""
+    import math
+
+    from nanoseek.data import synthetic_corpus, write_corpus
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.hf import save_pretrained
+    from nanoseek.r1.configs import GRPOConfig, SFTConfig
+    from nanoseek.r1.grpo import run_grpo
+    from nanoseek.r1.sft import run_sft
+
+    monkeypatch.setenv("NANOSEEK_NO_PROGRESS", "1")
+    corpus = write_corpus(synthetic_corpus(100, seed=0) + ["Q: 3+4\n<think>3+4=7</think><answer>7</answer>"] * 10,
+                          tmp_path / "c.jsonl")
+    tok = train_tokenizer([corpus], 300, tmp_path / "tok", progress=False)
+    torch.manual_seed(0)
+    save_pretrained(DeepseekV3ForCausalLM(preset("tiny", vocab_size=320, max_position_embeddings=128)),
+                    tmp_path / "model")
+    tok.save(tmp_path / "model")
+    model = str(tmp_path / "model")
+    rows = [{"prompt": f"Q: {a}+{b}\n<think>", "completion": f"{a}+{b}={a + b}</think><answer>{a + b}</answer>"}
+            for a in range(1, 5) for b in range(1, 4)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(model=model, init_from=model, max_steps=3, tensorboard=False, fp8=True, adam_moments="bfloat16")
+    sft = run_sft(SFTConfig(data=str(tmp_path / "sft.jsonl"), out_dir=str(tmp_path / "sft"), seq_len=64,
+                            batch_size=2, lr=3e-3, warmup_steps=1, save_every=0, eval_every=0, val_fraction=0.2,
+                            dtype="bfloat16", **common))
+    grpo = run_grpo(GRPOConfig(out_dir=str(tmp_path / "grpo"), task="arithmetic", n_train=20, n_test=10,
+                               group_size=4, prompts_per_step=2, max_new_tokens=8, lr=1e-3, mu=2, beta=0.01,
+                               eval_every=0, eval_problems=4, save_every=0, **common))
+    for trainer in (sft, grpo):
+        assert fp8_modules(trainer.model) == {"linear": 33, "experts": 3}
+        assert all(math.isfinite(row["loss"]) for row in trainer.history)
+        assert isinstance(trainer.optimizer, AdamW)
