@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 from nanoseek.config import PRESETS, ModelConfig, preset
 from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, require
+from nanoseek.parallel.config import ParallelConfig
 from nanoseek.fp8 import require_fp8
 from nanoseek.train.schedule import piecewise
 
@@ -95,6 +96,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda[:N] | mps
     seed: int = 0
     compile: bool = False
+    # processes (torchrun): `parallel.dp_shard=2 parallel.ep=2 ...` or a [parallel] TOML table (docs/distributed.md)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: bool = False  # DeepSeek-V3's FP8 recipe for projections and routed experts (docs/fp8.md)
     adam_moments: str = "float32"  # float32 | bfloat16 (V3 keeps AdamW's moments in BF16)
     # checkpointing and logging
@@ -177,7 +180,10 @@ class TrainerConfig:
         device = resolve_device(self.device, "device")
         if self.fp8:
             require_fp8(device)
-        self.model_config()  # an unknown preset or a bad model override fails here, not after loading data
+        model = self.model_config()  # an unknown preset or a bad model override fails here, not after loading data
+        if not isinstance(self.parallel, ParallelConfig):
+            raise UserError("setting `parallel` must be a table of parallel.* settings")
+        self.parallel.validate(model, device_type=device.type)  # before any process group exists
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +196,10 @@ class TrainerConfig:
         for k, v in self.to_dict().items():
             if k == "model_overrides":
                 args += [f"model.{mk}={json.dumps(mv)}" for mk, mv in v.items()]
+            elif k == "parallel":
+                base = dataclasses.asdict(ParallelConfig())
+                args += [f"parallel.{pk}={str(pv).lower() if isinstance(pv, bool) else pv}"
+                         for pk, pv in v.items() if pv != base[pk]]
             elif v != getattr(default, k):
                 v = json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool) else v
                 args.append(f"{k}={v}" if v != "" else f'{k}=""')
@@ -218,6 +228,10 @@ class LanguageModelingConfig(TrainerConfig):
 
     def validate(self) -> None:
         super().validate()
+        dp = self.parallel.data_parallel
+        require(self.batch_size % dp == 0, "batch_size", self.batch_size,
+                f"a multiple of the data-parallel ranks ({dp} = parallel.dp_shard x parallel.ep): batch_size "
+                "is the global batch, split over them")
         longest = self.model_config().max_position_embeddings
         require(self.seq_len <= longest, "seq_len", self.seq_len,
                 f"<= the model's max_position_embeddings ({longest}); longer contexts: YaRN (yarn_factor=...) "
@@ -351,8 +365,24 @@ def load_train_config(cls: type, toml_path: str | None, overrides: list[str]) ->
                          f"{', '.join(sorted(fields))}")
 
     values: dict[str, Any] = {}
+    parallel: dict[str, Any] = {}
+    parallel_hints = typing.get_type_hints(ParallelConfig)
+
+    def parallel_key(key: str, where: str) -> str:
+        if key not in parallel_hints:
+            raise UserError(f"{where}: unknown setting 'parallel.{key}'; known: "
+                            f"{', '.join('parallel.' + k for k in parallel_hints)}")
+        return key
+
     if toml_path:
         for key, value in read_toml(toml_path).items():
+            if key == "parallel" and "parallel" in fields:
+                if not isinstance(value, dict):
+                    raise UserError(f"{toml_path}: `parallel` must be a table ([parallel])")
+                for pk, pv in value.items():
+                    parallel[parallel_key(pk, toml_path)] = check_setting_type(pv, parallel_hints[pk],
+                                                                              f"parallel.{pk}", toml_path)
+                continue
             if key not in fields:
                 raise unknown(key, toml_path)
             values[key] = check_setting_type(value, hints[key], key, toml_path)
@@ -362,10 +392,15 @@ def load_train_config(cls: type, toml_path: str | None, overrides: list[str]) ->
         key, value = item.split("=", 1)
         if key.startswith("model."):
             values["model_overrides"] = {**values.get("model_overrides", {}), key[6:]: _parse_literal(value)}
+        elif key.startswith("parallel.") and "parallel" in fields:
+            pk = parallel_key(key[9:], "override")
+            parallel[pk] = coerce_setting(value, parallel_hints[pk], key)
         elif key in fields:
             values[key] = coerce_setting(value, hints[key], key)
         else:
             raise unknown(key, "override")
+    if parallel:
+        values["parallel"] = ParallelConfig(**parallel)
     cfg = cls(**values)
     cfg.validate()
     return cfg

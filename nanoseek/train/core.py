@@ -7,6 +7,11 @@ auxiliary-loss-free bias update after every optimizer step, metrics
 (JSONL/TensorBoard/progress bar, tokens/s, MFU), periodic evaluation, atomic checkpoints, exact resume,
 and divergence handling (a step with non-finite loss or gradients is not applied; see `nonfinite`).
 
+Several processes (torchrun, `parallel.*`): the recipe starts a `ParallelRuntime` and passes it in; the
+trainer then lays the model out on the mesh (EP + FSDP2), completes and clips gradients over all ranks,
+averages the logged metrics, writes sharded checkpoints (torch.distributed.checkpoint) and exports the
+gathered model from rank 0 (nanoseek.parallel, docs/distributed.md).
+
 A batch source's `state_dict()` must return plain values (dict, list, tuple, str, int, float, bool,
 None), torch tensors and numpy arrays: checkpoints store it as JSON + safetensors, never as a pickle.
 """
@@ -32,10 +37,15 @@ from nanoseek.files import atomic_dir, write_json
 from nanoseek.fp8.optim import AdamW as BF16MomentAdamW
 from nanoseek.hf import load_weights, save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
+from nanoseek.parallel.dcp import is_sharded
+from nanoseek.parallel.runtime import ParallelRuntime
 from nanoseek.train.checkpoint import (
+    checkpoint_name,
     checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
+    prune,
+    remove_partial,
     require_finite,
     save_checkpoint,
 )
@@ -43,7 +53,7 @@ from nanoseek.train.config import TrainerConfig
 from nanoseek.train.metrics_log import MetricsLogger
 from nanoseek.train.mfu import peak_flops
 from nanoseek.train.schedule import lr_at, piecewise
-from nanoseek.train.trainer_state import load_trainer_state
+from nanoseek.train.trainer_state import load_trainer_state, write_trainer_state
 
 HISTORY_ROWS = 1000  # Trainer.history keeps the newest rows only; metrics.jsonl has them all
 
@@ -97,15 +107,24 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.A
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, model: DeepseekV3ForCausalLM, flops_per_token: float,
-                 tokens_per_step: int, extra_files: dict[str, Path] | None = None):
-        """`extra_files`: tokenizer files (name -> path) saved with every checkpoint and the exported model."""
+                 tokens_per_step: int, extra_files: dict[str, Path] | None = None,
+                 parallel: ParallelRuntime | None = None):
+        """`extra_files`: tokenizer files (name -> path) saved with every checkpoint and the exported model.
+        `parallel`: the mesh when `cfg.parallel` asks for several processes (started by the recipe)."""
         cfg.validate()  # cheap; recipes built from Python (not the CLI) are checked here too
+        if cfg.parallel.enabled and parallel is None:
+            raise UserError("parallel.* settings: this command trains in one process only (multi-process "
+                            "training: `nanoseek pretrain`)")
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.parallel = parallel
+        self.main = parallel is None or parallel.is_main  # the rank that logs and exports
+        self.device = parallel.device if parallel else resolve_device(cfg.device)
         self.model = model.to(self.device)
         if cfg.compile:  # per block, so the module tree (and checkpoints) keep their names
             for block in model.model.layers:
                 block.compile()
+        if parallel:
+            parallel.parallelize(model)
         self.autocast = autocast_dtype(cfg.dtype, self.device)
         self.optimizer = build_optimizer(model, cfg)
         self.out_dir = Path(cfg.out_dir)
@@ -113,6 +132,8 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step
         self.peak = peak_flops(self.device, self.autocast, cfg.peak_tflops)  # None: MFU unknown
+        if self.peak and parallel:  # tokens/s is the whole job's: compare with every device's peak
+            self.peak *= parallel.world_size
         self.extra_files = extra_files or {}
         self.step = 0
         self.bad_steps = 0  # consecutive steps with non-finite loss or gradients
@@ -141,14 +162,21 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                         cfg.grad_clip if cfg.grad_clip > 0 else 1e30))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else 1e30
+        if self.parallel:  # every rank skips the step or none does; the norm is over all ranks' shards
+            finite = self.parallel.all_true(finite)
+            grad_norm = self.parallel.finish_gradients(model, max_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
             self.bad_steps = 0
         else:  # never apply NaN/inf: the weights and the optimizer moments stay as they were
             self.on_nonfinite_step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.parallel:
+            totals = self.parallel.mean_metrics(totals)
+            totals.update(self.parallel.traffic_metrics(self.tokens_per_step))
         if self.bad_steps == 0:
             totals.update(self.balance_step())
         totals.update(lr=lr, grad_norm=grad_norm, skipped=float(self.bad_steps > 0))
@@ -207,10 +235,12 @@ class Trainer:
             raise UserError(f"{self.out_dir} already holds checkpoints of another run: resume it (--resume) "
                             "or choose a new out_dir")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.out_dir / "train_config.json", cfg.to_dict())
-        logger = MetricsLogger(self.out_dir, cfg.tensorboard, resume_step=self.step if resumed else None)
+        if self.main:
+            write_json(self.out_dir / "train_config.json", cfg.to_dict())
+        logger = MetricsLogger(self.out_dir, cfg.tensorboard, resume_step=self.step if resumed else None) \
+            if self.main else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.out_dir.name}", unit="step",
-                   dynamic_ncols=True, disable=os.environ.get("NANOSEEK_NO_PROGRESS") == "1")
+                   dynamic_ncols=True, disable=os.environ.get("NANOSEEK_NO_PROGRESS") == "1" or not self.main)
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -225,7 +255,7 @@ class Trainer:
                     metrics.update(evaluate())
                 if sample and (last or (sample_every and self.step % sample_every == 0)):
                     metrics.update(sample())
-                if self.step % cfg.log_every == 0 or last or "val_loss" in metrics:
+                if logger and (self.step % cfg.log_every == 0 or last or "val_loss" in metrics):
                     logger.log(self.step, metrics)
                 self.history.append({"step": self.step, **metrics})
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "val_loss", "reward", "lr", "tokens_per_s")
@@ -234,18 +264,44 @@ class Trainer:
                 # no periodic checkpoint inside a streak of skipped steps: the newest stays the last good one
                 if last or (cfg.save_every and self.step % cfg.save_every == 0 and self.bad_steps == 0):
                     self.save(source, extra_state)
+        except RuntimeError as e:
+            if self.parallel is None:
+                raise
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise UserError(f"rank {self.parallel.ctx.rank}: lost contact with another rank at step "
+                            f"{self.step + 1} ({reason}); stopping. The last complete checkpoint is kept: "
+                            "rerun with --resume") from None
         finally:
             bar.close()
-            logger.close()
+            if logger:
+                logger.close()
         self.export()
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, source: BatchSource, extra_state: Callable[[], dict] | None = None) -> Path:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": source.state_dict(),
-                 "rng": rng_state(), "train_config": self.cfg.to_dict(),
-                 "extra": extra_state() if extra_state else {}}
+        state = {"step": self.step, "data": source.state_dict(), "rng": rng_state(),
+                 "train_config": self.cfg.to_dict(), "extra": extra_state() if extra_state else {}}
+        if self.parallel:
+            return self.save_sharded(state)
+        state["optimizer"] = self.optimizer.state_dict()
         return save_checkpoint(self.ckpt_dir, self.step, self.model, state, self.extra_files, self.cfg.keep_last)
+
+    def save_sharded(self, state: dict) -> Path:
+        """Every rank writes its shards of the weights and the optimizer state (torch.distributed.checkpoint);
+        rank 0 adds the trainer state and the checksums and renames the directory into place."""
+        final = self.ckpt_dir / checkpoint_name(self.step)
+        if not self.parallel.all_true(self.parallel.local_finite(self.model)):
+            raise UserError(f"refusing to write checkpoint {final.name}: the weights hold NaN or inf; the "
+                            "training diverged (lower lr or raise warmup_steps)")
+        if self.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial(self.ckpt_dir)
+        self.parallel.save(final, self.model, self.optimizer, lambda tmp: write_trainer_state(tmp, state))
+        if self.main:
+            prune(self.ckpt_dir, self.cfg.keep_last)
+        self.parallel.barrier()
+        return final
 
     def resume(self, source: BatchSource, on_state: Callable[[dict], None] | None = None) -> bool:
         """Restore the newest valid checkpoint; False (said on stdout) when out_dir has none."""
@@ -257,10 +313,18 @@ class Trainer:
                                 "(see the warnings above); move them away to start over")
             warn(f"no checkpoint to resume in {self.ckpt_dir}: starting from step 0")
             return False
-        load_weights(self.model, path)
+        if is_sharded(path) != (self.parallel is not None):
+            raise UserError(f"checkpoint {path} was written by a " + ("multi-process run: resume it with torchrun "
+                            "and its parallel.* settings (any layout)" if is_sharded(path) else
+                            "single-process run: resume it without parallel.* settings"))
         state = load_trainer_state(path)
+        if self.parallel:
+            self.parallel.load(path, self.model, self.optimizer)
+        else:
+            load_weights(self.model, path)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not self.parallel:
+                self.optimizer.load_state_dict(state["optimizer"])
             source.load_state_dict(state["data"])
             set_rng_state(state["rng"])
             if on_state:
@@ -273,15 +337,25 @@ class Trainer:
         if state.get("step") != checkpoint_step(path):
             raise UserError(f"checkpoint {path}: its trainer state is for step {state.get('step')!r}")
         self.step = state["step"]
-        print(f"resumed from {path} (step {self.step})")
+        if self.main:
+            print(f"resumed from {path} (step {self.step})")
         return True
 
     def export(self) -> Path:
         """The final model as a self-contained HF directory (weights + config + tokenizer), atomically."""
         final = self.out_dir / "model"
-        require_finite(self.model, f"the final model {final}")
-        with atomic_dir(final, what=f"the final model {final}") as tmp:
-            save_pretrained(self.model, tmp, tokenizer_files=self.extra_files)
+        model = self.model
+        if self.parallel:  # gather the shards into one plain model on rank 0
+            state = self.parallel.full_model_state(self.model)
+            if self.main:
+                model = DeepseekV3ForCausalLM(self.model.config)
+                model.load_state_dict(state)
+        if self.main:
+            require_finite(model, f"the final model {final}")
+            with atomic_dir(final, what=f"the final model {final}") as tmp:
+                save_pretrained(model, tmp, tokenizer_files=self.extra_files)
+        if self.parallel:
+            self.parallel.barrier()
         return final
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from nanoseek.cost.accounting import train_flops_per_token as flops_per_token
+from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, warn
 from nanoseek.fp8 import fp8_model_build
 from nanoseek.hf import load_weights, tokenizer_files
 from nanoseek.inference.engine import hf_generate
 from nanoseek.model import DeepseekV3ForCausalLM
+from nanoseek.parallel.runtime import ParallelRuntime
 from nanoseek.train.config import LanguageModelingConfig, PretrainConfig, TrainerConfig, load_train_config
 from nanoseek.train.core import LossFn, Trainer, print_summary, seed_everything
 
@@ -81,11 +83,16 @@ def lm_loss_fn(cfg: LanguageModelingConfig, trainer: Trainer) -> LossFn:
 
 
 def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
+    """Train (and export) the model of `cfg`. With `parallel.*` settings every torchrun process calls
+    this: each data-parallel rank reads its own `batch_size / ranks` rows of every global batch."""
     from nanoseek.data import TokenLoader
 
     cfg.validate()
-    seed_everything(cfg.seed)
-    loader = TokenLoader(cfg.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    parallel = ParallelRuntime.start(cfg.parallel, resolve_device(cfg.device)) if cfg.parallel.enabled else None
+    dp_rank, dp_size = (parallel.dp_rank, parallel.dp_size) if parallel else (0, 1)
+    seed_everything(cfg.seed)  # the same on every rank: identical initial weights before sharding
+    loader = TokenLoader(cfg.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size // dp_size,
+                         seed=cfg.seed, rank=dp_rank, world_size=dp_size)
     model = build_model(cfg, loader.vocab_size, cfg.seq_len)
     tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum
     extra_files = tokenizer_files(loader.tokenizer_dir)
@@ -93,7 +100,7 @@ def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
         warn(f"{cfg.data} has no tokenizer ({loader.tokenizer_dir}): the exported model will have no tokenizer "
              "(generate and chat will need --tokenizer)")
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, cfg.seq_len), tokens_per_step,
-                      extra_files=extra_files)
+                      extra_files=extra_files, parallel=parallel)
 
     def evaluate() -> dict:
         try:
@@ -139,5 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_train_config(PretrainConfig, args.config, args.overrides)
     trainer = run_pretraining(cfg, resume=args.resume)
-    print_summary(trainer, ("loss", "val_loss", "load_max_mean", "tokens_per_s", "mfu"))
+    if trainer.main:
+        print_summary(trainer, ("loss", "val_loss", "load_max_mean", "tokens_per_s", "mfu"))
+    if trainer.parallel:
+        trainer.parallel.close()
     return 0
