@@ -139,3 +139,41 @@ def test_traffic_is_counted_and_node_limited(two_procs, four_procs):
         assert t["max_nodes_per_token"] <= TINY.topk_group  # each token on at most M = 1 node
         assert t["cross_node_dedup_bytes"] <= t["tokens"] * TINY.topk_group * hidden_bytes
     assert four_procs["dp_shard=2,ep=2,nodes=2"]["traffic"]["cross_node_bytes"] == 0  # EP inside a node
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def test_parallel_settings_from_overrides_and_toml(tmp_path, monkeypatch):
+    from nanoseek.errors import UserError
+    from nanoseek.train.config import PretrainConfig, load_train_config
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = load_train_config(PretrainConfig, None, ["model=tiny", "parallel.dp_shard=2", "parallel.ep=2",
+                                                   "parallel.node_limited=false", "parallel.timeout_s=30"])
+    assert (cfg.parallel.dp_shard, cfg.parallel.ep, cfg.parallel.timeout_s) == (2, 2, 30.0)
+    assert cfg.to_dict()["parallel"]["ep"] == 2
+    assert "parallel.ep=2" in cfg.override_args() and "parallel.pp=1" not in cfg.override_args()
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "tiny"\n[parallel]\ndp_shard = 4\n')
+    assert load_train_config(PretrainConfig, str(toml), []).parallel.dp_shard == 4
+    toml.write_text('model = "tiny"\n[parallel]\ndp_shard = "4"\n')
+    with pytest.raises(UserError, match="setting `parallel.dp_shard` = '4': expected an integer"):
+        load_train_config(PretrainConfig, str(toml), [])
+    with pytest.raises(UserError, match="unknown setting 'parallel.tp'; known: parallel.dp_shard"):
+        load_train_config(PretrainConfig, None, ["parallel.tp=2"])
+    with pytest.raises(SettingError, match=r"`batch_size` = 6: must be a multiple of the data-parallel ranks \(4"):
+        load_train_config(PretrainConfig, None, ["model=tiny", "parallel.dp_shard=4", "batch_size=6"])
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SettingError, match=r"= 4, but 1 process\(es\) were started"):
+        load_train_config(PretrainConfig, None, ["model=tiny", "parallel.dp_shard=2", "parallel.ep=2"])
+
+
+def test_one_process_recipes_refuse_parallel_settings(monkeypatch):
+    from nanoseek.errors import UserError
+    from nanoseek.model import DeepseekV3ForCausalLM
+    from nanoseek.train.config import TrainerConfig
+    from nanoseek.train.core import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainerConfig(model="tiny", parallel=ParallelConfig(dp_shard=2))
+    with pytest.raises(UserError, match="this command trains in one process only"):
+        Trainer(cfg, DeepseekV3ForCausalLM(TINY), 1.0, 1)
