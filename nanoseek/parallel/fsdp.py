@@ -46,7 +46,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> f
     """The global gradient norm over all ranks (every element counted once), and clipping to `max_norm`
     (as torch.nn.utils.clip_grad_norm_ in one process: scale by max_norm / (norm + 1e-6) when above).
     FSDP shards hold each element on one rank; expert shards are repeated over the dp_shard replicas;
-    anything else is repeated on every rank."""
+    anything else is repeated on every data-parallel rank. The sum runs over the whole world, so each
+    pipeline stage (the outer mesh dim) adds its own weights once."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for g in grads:
@@ -55,7 +56,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> f
         if is_expert_param(g):
             square = square / ctx.cfg.dp_shard
         elif not isinstance(g, DTensor):
-            square = square / ctx.world_size
+            square = square / ctx.dp_size  # the same on every data-parallel rank of its stage
         total += square
     dist.all_reduce(total)
     norm = math.sqrt(float(total))
