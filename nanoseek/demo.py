@@ -4,7 +4,8 @@ Stages (each cached under runs/demo/<stage>/ and skipped when already finished; 
   data      built-in corpus + worked examples of train-split arithmetic problems, BPE tokenizer, shards
   pretrain  a small V3-style model: MLA + MoE (shared + routed experts, aux-loss-free balancing) + MTP
   before    held-out accuracy of the base model (greedy, pass@1 / maj@k over samples)
-  grpo      R1-Zero: GRPO from the base model with rule-based rewards only (accuracy + format)
+  grpo      R1-Zero: GRPO from the base model with rule-based rewards only (accuracy + format), a fixed
+            number of steps (no wall-clock limit: a busy machine makes it slower, never different)
   after     held-out accuracy after RL
   report    summary table, cost table next to DeepSeek-V3, and runs/demo/report.html
 A stage's result is written atomically when it ends, so Ctrl-C never leaves a half-finished stage
@@ -29,11 +30,11 @@ PROFILES: dict[str, dict[str, Any]] = {
                  pretrain_steps=1000, model="tiny",
                  model_overrides={"vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 4,
                                   "intermediate_size": 256, "moe_intermediate_size": 64},
-                 grpo_steps=1000, grpo_minutes=2.5, group_size=8, prompts_per_step=16, max_new_tokens=40,
+                 grpo_steps=300, group_size=8, prompts_per_step=16, max_new_tokens=40,
                  eval_every=25, n_test=200, eval_k=4),
     "quick": dict(n_task_docs=600, n_corpus_docs=300, vocab=320, seq_len=64, batch_size=8,
                   pretrain_steps=30, model="tiny", model_overrides={"vocab_size": 320},
-                  grpo_steps=4, grpo_minutes=0.5, group_size=4, prompts_per_step=4, max_new_tokens=12,
+                  grpo_steps=4, group_size=4, prompts_per_step=4, max_new_tokens=12,
                   eval_every=2, n_test=24, eval_k=2),
 }
 TASK = dict(task="arithmetic", task_options={"n_operands": 2, "max_value": 99, "ops": "+"}, task_seed=0,
@@ -136,12 +137,13 @@ class Pipeline:
                          max_new_tokens=p["max_new_tokens"], temperature=1.0, rewards="r1_zero", beta=0.001,
                          loss="grpo", lr=5e-5, max_steps=p["grpo_steps"], eval_every=p["eval_every"],
                          eval_problems=min(100, p["n_test"]), sample_every=max(1, p["grpo_steps"] // 4),
-                         show_samples=0, save_every=max(1, p["grpo_steps"] // 4), time_limit_min=p["grpo_minutes"],
+                         show_samples=0, save_every=max(1, p["grpo_steps"] // 4),
                          tensorboard=False, seed=self.seed)
         trainer = run_grpo(cfg, resume=interrupted(folder))
         history = read_metrics(folder / "metrics.jsonl")
         return {"history": [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in history],
-                "model": str(folder / "model"), "steps": trainer.step}
+                "model": str(folder / "model"), "steps": trainer.step, "planned_steps": p["grpo_steps"],
+                "diagnostics": [f.line() for f in trainer.diagnostics]}
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -168,7 +170,9 @@ def summary(results: dict) -> dict[str, float]:
         "pass1_before": before["pass_at_1"], "pass1_after": after["pass_at_1"],
         "format_before": before["format_rate"], "format_after": after["format_rate"],
         "length_before": before["mean_response_length"], "length_after": after["mean_response_length"],
-        "grpo_steps": results["grpo"]["steps"], "grpo_reward_last": _mean_tail(grpo, "reward"),
+        "grpo_steps": results["grpo"]["steps"],
+        "grpo_planned_steps": results["grpo"].get("planned_steps", results["grpo"]["steps"]),
+        "grpo_reward_last": _mean_tail(grpo, "reward"),
         "grpo_tokens_per_s": _mean_tail(grpo, "tokens_per_s"),
     }
 
@@ -181,7 +185,15 @@ def cost_rows(model_config: dict) -> list[dict]:
     return [ours, summarize("deepseek-v3", "deepseek-v3", seq_len=4096)]
 
 
-def print_summary(s: dict, costs: list[dict], report: Path) -> None:
+def cut_short(s: dict) -> list[str]:
+    """One loud line per stage that did less work than planned (its results are not comparable)."""
+    if s["grpo_steps"] < s["grpo_planned_steps"]:
+        return [f"the GRPO stage was cut short: {s['grpo_steps']} of {s['grpo_planned_steps']} steps ran, so "
+                "the accuracy after RL is not the demo's result"]
+    return []
+
+
+def print_summary(s: dict, costs: list[dict], report: Path, diagnostics: list[str] = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -198,11 +210,16 @@ def print_summary(s: dict, costs: list[dict], report: Path) -> None:
         ("pass@1 (sampled) before -> after", f"{s['pass1_before']:.1%} -> {s['pass1_after']:.1%}"),
         ("format rate before -> after", f"{s['format_before']:.1%} -> {s['format_after']:.1%}"),
         ("response length before -> after (tokens)", f"{s['length_before']:.1f} -> {s['length_after']:.1f}"),
-        ("GRPO steps / rollout tokens/s", f"{s['grpo_steps']} / {s['grpo_tokens_per_s']:,.0f}"),
+        ("GRPO steps (of planned) / rollout tokens/s",
+         f"{s['grpo_steps']} of {s['grpo_planned_steps']} / {s['grpo_tokens_per_s']:,.0f}"),
     ]
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+    for line in cut_short(s):
+        console.print(f"[bold red]WARNING: {line}[/bold red]")
+    for line in diagnostics:
+        console.print(f"GRPO diagnostics: {line}")
     c = Table(title="cost accounting (seq 4096, BF16 KV cache)")
     c.add_column("")
     for r in costs:
@@ -243,8 +260,11 @@ def write_report(out: Path, results: dict, s: dict, costs: list[dict]) -> Path:
 
     cost = R.table([""] + [r["name"] for r in costs],
                    [[label] + [fmt(r[key]) for r in costs] for label, key, fmt in COST_FIELDS])
+    warnings = "".join(f"<p><b>WARNING: {R.html.escape(line)}</b></p>" for line in cut_short(s))
+    diagnostics = "".join(f"<p>{R.html.escape(line)}</p>" for line in results["grpo"].get("diagnostics", []))
     html = R.render("nanoseek demo report", [
-        ("Summary", R.table(["metric", "value"], summary_rows)),
+        ("Summary", warnings + R.table(["metric", "value"], summary_rows)),
+        ("GRPO diagnostics (silent failures)", diagnostics or "<p>not recorded</p>"),
         ("Training curves", plot_html),
         ("Samples before RL", samples("before")),
         ("Samples after RL", samples("after")),
@@ -275,7 +295,7 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, seed: int = 0)
     report = write_report(out, pipe.results, s, costs)
     s["demo_seconds"] = time.time() - t0
     write_json(out / "summary.json", s, indent=1)
-    print_summary(s, costs, report)
+    print_summary(s, costs, report, pipe.results["grpo"].get("diagnostics", []))
     return {"summary": s, "report": str(report)}
 
 
@@ -284,19 +304,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, < 2 minutes (the smoke test)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0 = torch's default, all cores). On a machine busy with other work, "
-                        "1 avoids OpenMP stalls that make these tiny models many times slower")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1; 0 = torch's default, all cores). The demo's models are tiny: "
+                        "one thread is about as fast, and next to another CPU-bound process two OpenMP threads "
+                        "stall on every op (measured: --quick 222 s with 2 threads vs 23 s with 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     require(args.threads >= 0, "--threads", args.threads, ">= 0 (0 = torch's default)")
-    if args.threads:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.quick and args.out == "runs/demo":
         out = Path("runs/demo-quick")
-    run_demo(out, quick=args.quick, fresh=args.fresh, seed=args.seed)
+    try:
+        run_demo(out, quick=args.quick, fresh=args.fresh, seed=args.seed)
+    finally:  # called in-process (tests, notebooks): leave the caller's setting as it was
+        torch.set_num_threads(threads)
     return 0

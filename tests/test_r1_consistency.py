@@ -200,5 +200,15 @@ def test_diagnostics_verdicts():
                "kl": 0.01 * i, "logp_gap_max": 0.5, "routing_mismatch": 0.2} for i in range(60)]
     findings = diagnose(broken, beta=0.001)
     assert [f.ok for f in findings] == [False] * 5
-    assert "1.5 for 49 steps" in findings[2].verdict and "step 59" in findings[3].verdict
+    assert "1.5 for 49 steps" in findings[2].verdict and "to step 59" in findings[3].verdict
     assert diagnose(healthy, beta=0.0)[3].verdict.startswith("not measured")
+    spike = [dict(r, kl=0.98 if r["step"] == 20 else 0.01) for r in healthy]  # one batch, not a run-away
+    assert diagnose(spike, beta=0.001)[3].ok and "1 single-step spike" in diagnose(spike, beta=0.001)[3].verdict
+
+
+def test_demo_says_loudly_when_grpo_was_cut_short():
+    from nanoseek.demo import cut_short
+
+    assert cut_short({"grpo_steps": 9, "grpo_planned_steps": 360})[0].startswith(
+        "the GRPO stage was cut short: 9 of 360 steps")
+    assert cut_short({"grpo_steps": 360, "grpo_planned_steps": 360}) == []

@@ -9,7 +9,8 @@ broken run looks like a healthy one in the loss curve. These checks read the per
 * zero-variance groups: a group whose samples all earn the same reward has zero advantage and
   teaches nothing (too easy, too hard, or a reward that cannot tell samples apart);
 * a constant reward over many steps: saturated (nothing left to learn) or a broken reward;
-* a KL blow-up: the policy left the reference far behind (usually a too-high learning rate);
+* a KL blow-up: the policy left the reference far behind for several steps in a row, or for good
+  (usually a too-high learning rate);
 * training-inference mismatch: the sampler and the training forward disagree (nanoseek.r1.consistency).
 
 `diagnose(rows)` returns the findings; `print_diagnostics` prints them; `grpo.run_grpo` does both at
@@ -25,7 +26,8 @@ TRUNCATED_LIMIT = 0.10  # mean share of truncated completions over the run
 ZERO_VAR_LIMIT = 0.50  # mean share of groups without any reward variance
 CONSTANT_MIN_STEPS = 10  # a reward unchanged for this many steps in a row ...
 CONSTANT_MIN_SHARE = 0.20  # ... and for this share of the run is flagged
-KL_LIMIT = 0.5  # nats per token: far past R1-style runs (~0.01-0.1 with beta = 0.001)
+KL_LIMIT = 0.5  # nats per token: far past R1-style runs (~0.01-0.1 with beta = 0.001) ...
+KL_SUSTAINED = 3  # ... for this many steps in a row (one batch with a few far-off tokens is a spike, not a blow-up)
 LOGP_GAP_LIMIT = 0.1  # |log p engine - log p train| on one token, worst of the run
 ROUTING_MISMATCH_LIMIT = 0.05  # share of (token, MoE layer) routings that differ
 
@@ -97,12 +99,22 @@ def check_kl(rows: list[dict], beta: float | None = None) -> Finding:
     if not xs or beta == 0:
         return Finding("KL blow-up", True, None, "not measured (beta = 0: no reference model)")
     top = max(xs)
-    step = rows[[i for i, r in enumerate(rows) if "kl" in r][xs.index(top)]].get("step", "?")
-    if top > KL_LIMIT:
+    steps = [r.get("step", "?") for r in rows if "kl" in r]
+    step = steps[xs.index(top)]
+    longest, run, end = 0, 0, 0
+    for i, x in enumerate(xs):
+        run = run + 1 if x > KL_LIMIT else 0
+        if run > longest:
+            longest, end = run, i
+    if longest >= KL_SUSTAINED or _mean(xs[-max(1, len(xs) // 10):]) > KL_LIMIT:
         return Finding("KL blow-up", False, top,
-                       f"KL to the reference reached {top:.3g} nats/token at step {step} (limit "
-                       f"{KL_LIMIT}): the policy ran away; lower lr or raise beta")
-    return Finding("KL blow-up", True, top, f"KL to the reference peaked at {top:.3g} nats/token (step {step})")
+                       f"KL to the reference above {KL_LIMIT} nats/token for {longest} steps in a row (to step "
+                       f"{steps[end]}; peak {top:.3g}, last steps {_mean(xs[-max(1, len(xs) // 10):]):.3g}): "
+                       "the policy ran away; lower lr or raise beta")
+    spikes = sum(x > KL_LIMIT for x in xs)
+    note = f"; {spikes} single-step spike(s) above {KL_LIMIT}" if spikes else ""
+    return Finding("KL blow-up", True, top,
+                   f"KL to the reference peaked at {top:.3g} nats/token (step {step}), mean {_mean(xs):.3g}{note}")
 
 
 def check_consistency(rows: list[dict]) -> Finding:
