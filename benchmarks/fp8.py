@@ -3,7 +3,10 @@
     python benchmarks/fp8.py error   [--out DIR]   # (b) GEMM output error: per-tensor / per-row / 1x128+128x128
     python benchmarks/fp8.py memory  [--out DIR]   # (c) activation memory saved for backward, with/without FP8
     python benchmarks/fp8.py speed   [--out DIR]   # (d) CPU step and GEMM time, FP8 vs BF16 vs FP32
-    python benchmarks/fp8.py loss    [--out DIR] [--steps 400] [--preset tiny]   # (a) FP8 vs BF16 training
+    python benchmarks/fp8.py loss    [--out DIR] [--steps 400] [--preset tiny] [--runs bf16,fp8,...]
+                                     [--work DIR] [--name loss]   # (a) FP8 vs BF16 training
+      runs: bf16, fp8, fp8_bf16_moments, bf16_bf16_moments, bf16_seed1, fp8_seed1, fp32; finished runs in
+      --work are read back, not repeated
 
 Everything runs on one CPU thread (set before torch starts its pool) with fixed seeds; each command
 writes DIR/fp8_<command>.json and, when matplotlib is installed, a plot next to it. DIR defaults to docs/.
@@ -332,14 +335,15 @@ def loss_gap(steps: int, preset_name: str, work: Path, runs: list[str]) -> dict:
                 "fp8_bf16_moments": dict(fp8=True, adam_moments="bfloat16"),
                 "bf16_bf16_moments": dict(adam_moments="bfloat16"),
                 # run-to-run noise: the same BF16 run with another seed (init and data order)
-                "bf16_seed1": dict(seed=1), "fp8_seed1": dict(fp8=True, seed=1)}
+                "bf16_seed1": dict(seed=1), "fp8_seed1": dict(fp8=True, seed=1),
+                "fp32": dict(dtype="float32")}  # how far plain BF16 moves the loss, for scale
     result: dict = {"steps": steps, "preset": preset_name, "runs": {}}
     for name in runs:
         out = work / f"run_{name}_{steps}"
         cfg = PretrainConfig(model=preset_name, model_overrides={"vocab_size": 512}, data=str(data), out_dir=str(out),
                              seq_len=128, batch_size=8, max_steps=steps, lr=3e-3, warmup_steps=max(1, steps // 20),
                              eval_every=max(1, steps // 10), eval_batches=4, save_every=0, sample_prompt="",
-                             tensorboard=False, dtype="bfloat16", **{"seed": 0, **settings[name]})
+                             tensorboard=False, **{"seed": 0, "dtype": "bfloat16", **settings[name]})
         if not (out / "model").exists():  # finished runs are read back, not repeated
             run_pretraining(cfg)
         rows = read_metrics(out / "metrics.jsonl")
@@ -361,7 +365,7 @@ def loss_gap(steps: int, preset_name: str, work: Path, runs: list[str]) -> dict:
     return result
 
 
-def plot_loss(result: dict, out: Path) -> None:
+def plot_loss(result: dict, out: Path, name: str = "loss") -> None:
     plt = plt_or_none()
     if plt is None:
         return
@@ -370,21 +374,24 @@ def plot_loss(result: dict, out: Path) -> None:
     window = max(1, result["steps"] // 25)
     smooth = lambda v: [sum(v[max(0, i - window + 1):i + 1]) / len(v[max(0, i - window + 1):i + 1])  # noqa: E731
                         for i in range(len(v))]
-    for name, run in result["runs"].items():
+    runs = result["runs"]
+    for name, run in runs.items():
         ax.plot(smooth(run["lm_loss"]), label=name)
-        if base and name != "bf16":
-            ratio = [a / b - 1 for a, b in zip(smooth(run["lm_loss"]), smooth(base["lm_loss"]))]
-            ax2.plot([100 * r for r in ratio], label=f"{name} vs bf16")
+        ref = "bf16_seed1" if name.endswith("_seed1") and "bf16_seed1" in runs else "bf16"
+        if base and name != ref:
+            ratio = [a / b - 1 for a, b in zip(smooth(run["lm_loss"]), smooth(runs[ref]["lm_loss"]))]
+            ax2.plot([100 * r for r in ratio], label=f"{name} vs {ref}", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss (moving mean, {window} steps)")
+    ax.set_yscale("log")
     ax.legend()
     ax2.axhline(0, color="k", lw=0.5)
     ax2.set_xlabel("step")
     ax2.set_ylabel("relative gap, %")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out / "fp8_loss.png", dpi=110)
-    print(f"wrote {out / 'fp8_loss.png'}")
+    fig.savefig(out / f"fp8_{name}.png", dpi=110)
+    print(f"wrote {out / f'fp8_{name}.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--runs", default="bf16,fp8,fp8_bf16_moments,bf16_bf16_moments")
+    p.add_argument("--name", default="loss", help="loss: results go to DIR/fp8_<name>.json and .png")
     p.add_argument("--work", default="", help="loss: where data and runs go (default: a temporary directory)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -408,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="nanoseek-fp8-"))
         result = loss_gap(args.steps, args.preset, work, args.runs.split(","))
-        save(out, "loss", result)
-        plot_loss(result, out)
+        save(out, args.name, result)
+        plot_loss(result, out, args.name)
     return 0
 
 
