@@ -118,6 +118,12 @@ class ParallelRuntime:
         dist.broadcast(t, 0)
         return bool(t.item() == 1.0)
 
+    @staticmethod
+    def is_peer_failure(error: BaseException) -> bool:
+        """Whether `error` is a collective that failed because another rank died or stopped answering:
+        torch's DistError family (NCCL), or a RuntimeError raised from inside gloo."""
+        return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+
     def barrier(self) -> None:
         dist.barrier()
 

@@ -265,7 +265,7 @@ class Trainer:
                 if last or (cfg.save_every and self.step % cfg.save_every == 0 and self.bad_steps == 0):
                     self.save(source, extra_state)
         except RuntimeError as e:
-            if self.parallel is None:
+            if self.parallel is None or not self.parallel.is_peer_failure(e):
                 raise
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise UserError(f"rank {self.parallel.ctx.rank}: lost contact with another rank at step "
