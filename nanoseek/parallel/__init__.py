@@ -7,6 +7,7 @@
   parallelize.py      both applied to a model; gradient completion and clipping after backward
   traffic.py          all-to-all bytes per rank, within and across (simulated) nodes
   dcp.py              torch.distributed.checkpoint save/load (atomic, reshardable) and HF export
+  runtime.py          ParallelRuntime: what the trainer calls (layout, gradients, metrics, checkpoints)
 
 Sits below nanoseek.train (which drives it) and above nanoseek.model (which it shards).
 """
