@@ -365,7 +365,7 @@ def loss_gap(steps: int, preset_name: str, work: Path, runs: list[str]) -> dict:
     return result
 
 
-def plot_loss(result: dict, out: Path, name: str = "loss") -> None:
+def plot_loss(result: dict, out: Path, tag: str = "loss") -> None:
     plt = plt_or_none()
     if plt is None:
         return
@@ -390,8 +390,8 @@ def plot_loss(result: dict, out: Path, name: str = "loss") -> None:
     ax2.set_ylabel("relative gap, %")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out / f"fp8_{name}.png", dpi=110)
-    print(f"wrote {out / f'fp8_{name}.png'}")
+    fig.savefig(out / f"fp8_{tag}.png", dpi=110)
+    print(f"wrote {out / f'fp8_{tag}.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:
