@@ -52,6 +52,7 @@ _LAZY = {
     "DistillConfig": "configs", "run_distill": "distill",
     "generate_completions": "rollout", "encode_prompt": "rollout",
     "score_completion": "rollout",
+    "R1Config": "pipeline", "run_r1": "pipeline", "diagnose": "diagnostics",
 }
 
 
