@@ -1,7 +1,7 @@
 """The package's import graph: layers point down, and there are no import circles.
 
-Layers, top to bottom (docs/design.md): cli / demo -> r1 -> train, inference -> model -> config.
-`data` (tokenizer, shards, loader) and `cost` sit beside `model`. Every import counts, function-level ones
+Layers, top to bottom (docs/design.md): cli / demo -> r1, serve, plan -> train, inference -> parallel ->
+hf, fp8 -> model -> config -> files, errors. `data` (tokenizer, shards, loader) and `cost` sit beside `model`. Every import counts, function-level ones
 too: deferring an import is allowed for a heavy optional dependency, never to hide a circle.
 """
 
@@ -15,17 +15,22 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nanoseek"
 
 # layer -> packages it must never import
+ABOVE_MODEL = ("hf", "pretrained", "fp8", "parallel", "train", "inference", "serve", "r1", "plan", "cli", "demo")
 FORBIDDEN = {
-    "nanoseek.config": ("model", "data", "cost", "train", "inference", "r1", "cli", "demo"),
-    "nanoseek.model": ("train", "inference", "r1", "data", "cost", "cli", "demo"),
-    "nanoseek.data": ("model", "train", "inference", "r1", "cli", "demo"),
-    "nanoseek.cost": ("train", "inference", "r1", "cli", "demo"),
-    "nanoseek.plan": ("inference", "r1", "cli", "demo"),  # plan.calibrate runs a real train step
-    "nanoseek.inference": ("train", "r1", "cli", "demo"),
-    "nanoseek.serve": ("train", "r1", "cli", "demo"),
-    "nanoseek.train": ("r1", "cli", "demo"),
-    "nanoseek.r1": ("cli", "demo"),
-    "nanoseek.parallel": ("train", "inference", "r1", "cli", "demo"),
+    "nanoseek.errors": ("config", "files", "device", "model", "data", "cost", *ABOVE_MODEL),
+    "nanoseek.files": ("config", "model", "data", "cost", *ABOVE_MODEL),
+    "nanoseek.config": ("model", "data", "cost", *ABOVE_MODEL),
+    "nanoseek.model": ("data", "cost", *ABOVE_MODEL),
+    "nanoseek.data": ("model", "cost", *ABOVE_MODEL),
+    "nanoseek.cost": ("train", "inference", "serve", "r1", "plan", "parallel", "fp8", "cli", "demo"),
+    "nanoseek.hf": ("pretrained", "parallel", "train", "inference", "serve", "r1", "plan", "cli", "demo"),
+    "nanoseek.fp8": ("hf", "pretrained", "parallel", "train", "inference", "serve", "r1", "plan", "cli", "demo"),
+    "nanoseek.parallel": ("train", "inference", "serve", "r1", "plan", "cli", "demo"),
+    "nanoseek.inference": ("train", "serve", "r1", "plan", "cli", "demo"),
+    "nanoseek.serve": ("train", "r1", "plan", "cli", "demo"),
+    "nanoseek.train": ("serve", "r1", "plan", "cli", "demo"),
+    "nanoseek.plan": ("inference", "serve", "r1", "cli", "demo"),  # plan.calibrate runs a real train step
+    "nanoseek.r1": ("serve", "plan", "cli", "demo"),
 }
 
 
