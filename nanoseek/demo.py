@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from nanoseek.errors import UserError, require
 from nanoseek.files import write_json, write_text
+from nanoseek.stages import Stages
 
 # Sizes: `full` fits the 10-minute budget on a 2-core CPU; `quick` is the < 2 minute smoke test.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -52,25 +53,12 @@ def interrupted(folder: Path) -> bool:
 class Pipeline:
     def __init__(self, out: Path, profile: dict[str, Any], seed: int):
         self.out, self.p, self.seed = out, profile, seed
-        self.results: dict[str, Any] = {}
+        self.stages = Stages(out)
+        self.results: dict[str, Any] = self.stages.results
 
     def stage(self, name: str, fn: Callable[[Path], dict]) -> dict:
         """Run `fn` unless its result is cached; the result file is the stage's completion marker."""
-        folder = self.out / name
-        done = folder / "result.json"
-        if done.exists():
-            print(f"[{name}] cached ({done})", flush=True)
-            result = json.loads(done.read_text())
-        else:
-            print(f"[{name}] running ...", flush=True)
-            t0 = time.time()
-            folder.mkdir(parents=True, exist_ok=True)
-            result = fn(folder)
-            result["seconds"] = time.time() - t0
-            write_json(done, result, indent=1)
-            print(f"[{name}] done in {result['seconds']:.0f}s", flush=True)
-        self.results[name] = result
-        return result
+        return self.stages.run(name, fn)
 
     def task(self):
         from nanoseek.r1.rollout import build_task

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +43,7 @@ from nanoseek.r1.rollout import build_task, render_prompt
 from nanoseek.r1.sample import sample_traces, write_jsonl
 from nanoseek.r1.sft import run_sft
 from nanoseek.r1.tasks import TEMPLATES, Problem, Task
+from nanoseek.stages import Stages
 from nanoseek.train.checkpoint import list_checkpoints
 from nanoseek.train.config import load_train_config
 
@@ -121,27 +121,14 @@ def generated_trace(problem: Problem) -> str | None:
 # ---------------------------------------------------------------------------------------------- pipeline
 class R1Pipeline:
     def __init__(self, cfg: R1Config):
-
         self.cfg, self.out = cfg, Path(cfg.out_dir)
         self.task: Task = build_task(cfg.task, seed=cfg.task_seed, n_train=cfg.n_train, n_test=cfg.n_test,
                                      options=cfg.task_options)
-        self.results: dict[str, Any] = {}
+        self.stages = Stages(self.out, label="r1")
+        self.results: dict[str, Any] = self.stages.results
 
     def stage(self, name: str, fn: Callable[[Path], dict]) -> dict:
-        folder = self.out / name
-        done = folder / "result.json"
-        if done.exists():
-            print(f"[r1 {name}] cached ({done})", flush=True)
-            result = json.loads(done.read_text())
-        else:
-            print(f"[r1 {name}] running ...", flush=True)
-            t0 = time.time()
-            folder.mkdir(parents=True, exist_ok=True)
-            result = fn(folder)
-            result["seconds"] = time.time() - t0
-            write_json(done, result, indent=1)
-        self.results[name] = result
-        return result
+        return self.stages.run(name, fn)
 
     # -- helpers -------------------------------------------------------------------------------------
     def sft(self, folder: Path, init: str, rows: list[dict], epochs: int, lr: float, student: str = "") -> str:
