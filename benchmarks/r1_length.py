@@ -25,6 +25,7 @@ r1_length.png (into --plot-dir: docs/ by default, OUT with --quick).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -48,34 +49,22 @@ STEPS_MARK = "="  # a running-sum trace has one "=" per step; a one-go answer ha
 
 
 # ------------------------------------------------------------------------------------------ stages
+def load_r1_zero():
+    """prepare_data and pretrain are r1_zero's, with this experiment's corpus and eval cadence."""
+    spec = importlib.util.spec_from_file_location("r1_zero", Path(__file__).resolve().parent / "r1_zero.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def prepare_data(out: Path, p: dict, task, seed: int) -> Path:
-    from nanoseek.data import prepare, write_corpus
-    from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.r1.corpus import length_corpus
 
-    data = out / "data"
-    if (data / "manifest.json").exists():
-        return data
-    docs = length_corpus(task, p["n_task_docs"], p["n_corpus_docs"], seed)
-    corpus = write_corpus(docs, out / "corpus.jsonl")
-    tok = train_tokenizer([corpus], p["vocab"], out / "tokenizer", progress=False)
-    prepare([corpus], tok, data, val_fraction=0.02, workers=1, progress=False)
-    return data
+    return load_r1_zero().prepare_data(out, p, task, seed, corpus=length_corpus)
 
 
 def pretrain(out: Path, p: dict, data: Path, seed: int) -> Path:
-    from nanoseek.train.config import PretrainConfig
-    from nanoseek.train.pretrain import run_pretraining
-
-    model_dir = out / "base" / "model"
-    if (model_dir / "config.json").exists():
-        return model_dir
-    cfg = PretrainConfig(model=p["model"], model_overrides=p["overrides"], data=str(data),
-                         out_dir=str(out / "base"), seq_len=p["seq_len"], batch_size=p["batch_size"],
-                         max_steps=p["pretrain_steps"], lr=3e-3, warmup_steps=50, eval_every=250,
-                         save_every=250, sample_prompt="", tensorboard=False, seed=seed)
-    run_pretraining(cfg)
-    return model_dir
+    return load_r1_zero().pretrain(out, p, data, seed, eval_every=250)
 
 
 def grpo_config(out: Path, p: dict, base: Path, seed: int, **overrides):

@@ -48,23 +48,24 @@ QUICK = dict(n_task_docs=400, n_corpus_docs=200, vocab=300, seq_len=64, batch_si
 
 
 # ------------------------------------------------------------------------------------------ data
-def prepare_data(out: Path, p: dict, task, seed: int) -> Path:
+def prepare_data(out: Path, p: dict, task, seed: int, corpus=None) -> Path:
+    """Corpus (default: `pretraining_corpus`; r1_length passes its own) -> tokenizer -> token shards."""
     from nanoseek.data import prepare, write_corpus
-    from nanoseek.r1.corpus import pretraining_corpus
     from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.r1.corpus import pretraining_corpus
 
     data = out / "data"
     if (data / "manifest.json").exists():
         return data
-    docs = pretraining_corpus(task, p["n_task_docs"], p["n_corpus_docs"], seed)
-    corpus = write_corpus(docs, out / "corpus.jsonl")
-    tok = train_tokenizer([corpus], p["vocab"], out / "tokenizer", progress=False)
-    prepare([corpus], tok, data, val_fraction=0.02, workers=1, progress=False)
+    docs = (corpus or pretraining_corpus)(task, p["n_task_docs"], p["n_corpus_docs"], seed)
+    corpus_file = write_corpus(docs, out / "corpus.jsonl")
+    tok = train_tokenizer([corpus_file], p["vocab"], out / "tokenizer", progress=False)
+    prepare([corpus_file], tok, data, val_fraction=0.02, workers=1, progress=False)
     return data
 
 
 # ------------------------------------------------------------------------------------------ stages
-def pretrain(out: Path, p: dict, data: Path, seed: int) -> Path:
+def pretrain(out: Path, p: dict, data: Path, seed: int, eval_every: int = 200) -> Path:
     from nanoseek.train.config import PretrainConfig
     from nanoseek.train.pretrain import run_pretraining
 
@@ -73,8 +74,8 @@ def pretrain(out: Path, p: dict, data: Path, seed: int) -> Path:
         return model_dir
     cfg = PretrainConfig(model=p["model"], model_overrides=p["overrides"], data=str(data),
                       out_dir=str(out / "base"), seq_len=p["seq_len"], batch_size=p["batch_size"],
-                      max_steps=p["pretrain_steps"], lr=3e-3, warmup_steps=50, eval_every=200,
-                      save_every=200, sample_prompt="", tensorboard=False, seed=seed)
+                      max_steps=p["pretrain_steps"], lr=3e-3, warmup_steps=50, eval_every=eval_every,
+                      save_every=eval_every, sample_prompt="", tensorboard=False, seed=seed)
     run_pretraining(cfg)
     return model_dir
 
