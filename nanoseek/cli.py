@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-from nanoseek.errors import UserError
+from nanoseek.errors import UserError, hard_exit_requested
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,6 +47,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _run(argv)
+    if hard_exit_requested():  # a multi-process run: leave without tearing down the process group
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and not argv[0].startswith("-") else None
     parser = build_parser(only=command)

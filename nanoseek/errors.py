@@ -19,6 +19,23 @@ class SettingError(UserError, ValueError):
     """A setting (config field, CLI flag) outside its allowed range."""
 
 
+_hard_exit = False
+
+
+def request_hard_exit() -> None:
+    """Ask the `nanoseek` command to end this process with `os._exit` once its output is flushed.
+
+    Set by multi-process runs: gloo's C++ threads can call std::terminate ("terminate called without an
+    active exception", SIGABRT) while the interpreter tears down a destroyed or broken process group, which
+    would turn a finished run or a clean error into a crash. By then every file is closed and fsynced."""
+    global _hard_exit
+    _hard_exit = True
+
+
+def hard_exit_requested() -> bool:
+    return _hard_exit
+
+
 def warn(message: str) -> None:
     """One warning line on stderr."""
     print(f"nanoseek: warning: {message}", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from nanoseek.errors import request_hard_exit
 from nanoseek.parallel import dcp
 from nanoseek.parallel.config import ParallelConfig
 from nanoseek.parallel.mesh import ParallelContext, init_parallel, shutdown
@@ -31,6 +32,7 @@ class ParallelRuntime:
     @classmethod
     def start(cls, cfg: ParallelConfig, device: torch.device) -> "ParallelRuntime":
         """Create the process group and the mesh (cfg validated by the caller)."""
+        request_hard_exit()  # see nanoseek.errors.request_hard_exit: no C++ teardown of the process group
         return cls(init_parallel(cfg, device))
 
     # ------------------------------------------------------------------ facts
