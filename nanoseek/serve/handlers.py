@@ -171,6 +171,19 @@ class ChatChoice:
         return r, c
 
 
+def chunk_writer(rid: str, obj: str, created: int, model: str, include_usage: bool) -> Callable[..., str]:
+    """`chunk(choices, usage=None)` -> one SSE event of a streamed response in OpenAI's chunk format (with
+    `stream_options.include_usage`, every chunk carries `usage`: null until the final one)."""
+
+    def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
+        data = {"id": rid, "object": obj, "created": created, "model": model, "choices": choice_list}
+        if include_usage:
+            data["usage"] = usage
+        return sse(data)
+
+    return chunk
+
+
 async def chat_completion(server: Server, http: Request, body: ChatCompletionRequest):
     body.check()
     server.check_model(body.model)
@@ -186,13 +199,7 @@ async def chat_completion(server: Server, http: Request, body: ChatCompletionReq
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(choice_list: list[dict], **extra) -> str:
-            data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                    "choices": choice_list}
-            if include_usage:
-                data["usage"] = extra.get("usage")
-            return sse(data)
+        chunk = chunk_writer(rid, "chat.completion.chunk", created, server.model_name, include_usage)
 
         def render(item: TokenOut) -> list[str]:
             r, c = choices[item.choice].push(item)
@@ -209,7 +216,6 @@ async def chat_completion(server: Server, http: Request, body: ChatCompletionReq
         head = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None} for i in range(body.n)])
         return streaming(events(job, render, head, lambda: chunk([], usage=usage()) if include_usage else ""))
-
 
     async for item in job.items():
         if isinstance(item, RequestFailed):
@@ -269,13 +275,7 @@ async def completion(server: Server, http: Request, body: CompletionRequest):
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(choice_list: list[dict], **extra) -> str:
-            data = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                    "choices": choice_list}
-            if include_usage:
-                data["usage"] = extra.get("usage")
-            return sse(data)
+        chunk = chunk_writer(rid, "text_completion", created, server.model_name, include_usage)
 
         def render(item: TokenOut) -> list[str]:
             c = choices[item.choice]
