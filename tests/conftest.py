@@ -24,3 +24,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random `tiny` model saved with a small trained tokenizer (the inference CLI and server tests;
+    test files that need another model define their own `model_dir`)."""
+    import nanoseek
+    from nanoseek.config import preset
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. 12 + 7 = 19. Think, then answer.\n" * 40)
+    torch.manual_seed(0)
+    nanoseek.DeepseekV3ForCausalLM(preset("tiny")).save_pretrained(root / "model")
+    train_tokenizer([corpus], 300, root / "model", progress=False)
+    return root / "model"

@@ -15,19 +15,6 @@ from nanoseek.config import preset
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from nanoseek.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("cli")
-    corpus = root / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. 12 + 7 = 19. Think, then answer.\n" * 40)
-    torch.manual_seed(0)
-    nanoseek.DeepseekV3ForCausalLM(preset("tiny")).save_pretrained(root / "model")
-    train_tokenizer([corpus], 300, root / "model", progress=False)
-    return root / "model"
-
-
 def run_cli(argv, capsys):
     rc = main(argv)
     out = capsys.readouterr()

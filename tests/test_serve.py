@@ -19,9 +19,7 @@ import pytest
 import torch
 import uvicorn
 
-import nanoseek
-from nanoseek.config import preset
-from nanoseek.data.tokenizer import ANSWER, END_ANSWER, END_THINK, SYSTEM, THINK, train_tokenizer
+from nanoseek.data.tokenizer import ANSWER, END_ANSWER, END_THINK, SYSTEM, THINK
 from nanoseek.hf import load_model_and_tokenizer
 from nanoseek.inference import SamplingParams, generate
 from nanoseek.inference.cli import encode_prompt
@@ -32,17 +30,6 @@ from nanoseek.serve.engine_loop import EngineLoop
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAME = "tiny-r1"
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    corpus = root / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. 12 + 7 = 19. Think, then answer.\n" * 40)
-    torch.manual_seed(0)
-    nanoseek.DeepseekV3ForCausalLM(preset("tiny")).save_pretrained(root / "model")
-    train_tokenizer([corpus], 300, root / "model", progress=False)
-    return root / "model"
 
 
 class Served:
