@@ -242,9 +242,10 @@ def train(tmp_path, **kw):
     from nanoseek.train.core import Trainer, seed_everything
     from nanoseek.train.pretrain import build_model, lm_loss_fn
 
-    cfg = LanguageModelingConfig(model="tiny", model_overrides={"vocab_size": 64, "num_hidden_layers": 2},
-                                 out_dir=str(tmp_path / "run"), max_steps=30, lr=3e-3, warmup_steps=3,
-                                 eval_every=0, save_every=0, tensorboard=False, seq_len=32, batch_size=4, **kw)
+    settings = dict(model="tiny", model_overrides={"vocab_size": 64, "num_hidden_layers": 2},
+                    out_dir=str(tmp_path / "run"), max_steps=30, lr=3e-3, warmup_steps=3, eval_every=0,
+                    save_every=0, tensorboard=False, seq_len=32, batch_size=4)
+    cfg = LanguageModelingConfig(**{**settings, **kw})
     seed_everything(0)
     model = build_model(cfg, 64)
     trainer = Trainer(cfg, model, 1.0, 128)
@@ -267,6 +268,22 @@ def test_short_fp8_training_tracks_the_bf16_run(tmp_path, monkeypatch):
     # the exported model is a plain one (fp32 master weights)
     from nanoseek.hf import from_pretrained
     assert fp8_modules(from_pretrained(tmp_path / "fp8" / "run" / "model"))["linear"] == 0
+
+
+def test_trainer_exports_the_final_model_in_fp8_when_asked(tmp_path, monkeypatch):
+    from nanoseek.hf import from_pretrained
+
+    monkeypatch.setenv("NANOSEEK_NO_PROGRESS", "1")
+    model, _, trainer = train(tmp_path, fp8=True, export_fp8=True, max_steps=2)
+    final = trainer.out_dir / "model"
+    config = json.loads((final / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    back = from_pretrained(final).state_dict()
+    trained = model.state_dict()
+    name = "model.layers.0.mlp.gate_proj.weight"
+    assert not torch.equal(back[name], trained[name])  # rounded to FP8 blocks ...
+    assert torch.equal(back[name], dequantize_blocks(*quantize_blocks(trained[name])))  # ... exactly so
+    assert torch.equal(back["lm_head.weight"], trained["lm_head.weight"])
 
 
 # ---------------------------------------------------------------------------------------------- AdamW

@@ -100,6 +100,7 @@ class TrainerConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: bool = False  # DeepSeek-V3's FP8 recipe for projections and routed experts (docs/fp8.md)
     adam_moments: str = "float32"  # float32 | bfloat16 (V3 keeps AdamW's moments in BF16)
+    export_fp8: bool = False  # the final model's projections in DeepSeek's FP8 format (float8 + 128x128 scales)
     # checkpointing and logging
     log_every: int = 1
     eval_every: int = 50  # 0 = only at the end

@@ -353,7 +353,7 @@ class Trainer:
         if self.main:
             require_finite(model, f"the final model {final}")
             with atomic_dir(final, what=f"the final model {final}") as tmp:
-                save_pretrained(model, tmp, tokenizer_files=self.extra_files)
+                save_pretrained(model, tmp, tokenizer_files=self.extra_files, fp8=self.cfg.export_fp8)
         if self.parallel:
             self.parallel.barrier()
         return final
