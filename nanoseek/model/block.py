@@ -22,9 +22,15 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else FFN(cfg.hidden_size, cfg.intermediate_size)
+        # Optional replacement of the forward without a cache, called as f(block, h, cos, sin, attn_mask) and
+        # giving the same numbers: expert parallelism with overlap installs one that interleaves two halves of
+        # the batch so one's all-to-all hides behind the other's computation (nanoseek.parallel.overlap).
+        self.overlapped_forward = None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, cache: LatentKVCache | None = None) -> torch.Tensor:
         """h [B, T, D] -> [B, T, D]. `attn_mask` / `cache`: see `MLA.forward`."""
+        if self.overlapped_forward is not None and cache is None:
+            return self.overlapped_forward(self, h, cos, sin, attn_mask)
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -33,6 +33,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (reserved; must be 1 for now)
     nodes: int = 1  # machines the job spans (> 1 on one machine: simulated as groups of consecutive ranks)
     node_limited: bool = False  # require each token's experts on at most topk_group nodes (n_group = EP nodes)
+    overlap: bool = False  # MoE blocks interleave two halves of each micro-batch to hide the EP all-to-all (overlap.py)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: float = 120.0  # a collective waiting longer than this fails the job (a dead rank never hangs it)
 

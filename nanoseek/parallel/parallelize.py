@@ -7,6 +7,7 @@ from torch import nn
 from nanoseek.parallel.expert_parallel import apply_expert_parallel, sync_expert_grads
 from nanoseek.parallel.fsdp import apply_fsdp, clip_grad_norm
 from nanoseek.parallel.mesh import ParallelContext
+from nanoseek.parallel.overlap import install_overlap
 from nanoseek.parallel.traffic import TrafficMeter
 
 
@@ -14,6 +15,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, meter: TrafficMeter | No
     """Shard `model` in place (every rank must have built it identically, e.g. from the same seed).
     `meter` collects the EP all-to-all traffic."""
     experts = apply_expert_parallel(model, ctx, meter) if ctx.cfg.ep > 1 else set()
+    if ctx.cfg.overlap:
+        install_overlap(model, ctx.cfg.ep)
     apply_fsdp(model, ctx, experts)
     return model
 
