@@ -79,6 +79,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 class FP8Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict, fp32 master weight) whose matmuls run in FP8."""
 
+    # Disabled as a whole, not only inside: dynamo would otherwise trace this frame up to the graph break
+    # and recompile it for every weight shape, hitting its recompile limit on any real model.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias)
 
