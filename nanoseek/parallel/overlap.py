@@ -47,11 +47,13 @@ from nanoseek.parallel.expert_parallel import ExpertParallel
 class Exchange:
     """One asynchronous all_to_all_single of rows and, in the backward, its reverse: x [sum(in_splits), ...]
     goes in_splits[j] rows to rank j; out_splits[j] rows come from rank j. `trace`, when a list, gets
-    (event, name) for every start and wait (tests and the benchmark read the schedule from it)."""
+    (event, name) for every start and wait (tests and the benchmark read the schedule from it).
+    `blocking`: wait as soon as started, forward and backward (the no-overlap control)."""
 
-    def __init__(self, group, out_splits: list[int], in_splits: list[int], name: str = "", trace=None):
+    def __init__(self, group, out_splits: list[int], in_splits: list[int], name: str = "", trace=None,
+                 blocking: bool = False):
         self.group, self.out_splits, self.in_splits = group, out_splits, in_splits
-        self.name, self.trace = name, trace
+        self.name, self.trace, self.blocking = name, trace, blocking
         self.work = self.grad_work = None
         self.sending = self.grad = None  # buffers the collective reads / writes until it completes
 
@@ -75,6 +77,8 @@ class _Start(torch.autograd.Function):
         ctx.ex = ex
         out, ex.work = ex.start(x, ex.out_splits, ex.in_splits)
         ex.note("start")
+        if ex.blocking:
+            ex.work.wait()
         return out
 
     @staticmethod
@@ -103,14 +107,16 @@ class _Wait(torch.autograd.Function):
         ex = ctx.ex
         ex.grad, ex.grad_work = ex.start(grad, ex.in_splits, ex.out_splits)
         ex.note("grad start")
+        if ex.blocking:
+            ex.grad_work.wait()
         return grad, None  # `_Start.backward` ignores it: the real gradient comes from the exchange
 
 
 def start_all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, name: str = "",
-                     trace=None) -> tuple[torch.Tensor, Exchange]:
+                     trace=None, blocking: bool = False) -> tuple[torch.Tensor, Exchange]:
     """Start exchanging rows x (as `nanoseek.parallel.expert_parallel.all_to_all`); returns the receive
     buffer and the exchange to pass to `wait_all_to_all`. Differentiable, asynchronous both ways."""
-    ex = Exchange(group, out_splits, in_splits, name, trace)
+    ex = Exchange(group, out_splits, in_splits, name, trace, blocking)
     return _Start.apply(x, ex), ex
 
 
@@ -159,10 +165,14 @@ class Half:
 
 class OverlappedMoEBlock:
     """`Block.overlapped_forward` of a MoE block under EP: the two-half schedule of the module docstring.
-    `trace`: set to a list to record the schedule, (event, name) per exchange start/wait and computation."""
+    `trace`: set to a list to record the schedule, (event, name) per exchange start/wait and computation.
+    `wait_at_once`: the same halves and operations, but every exchange is waited for as soon as it is
+    started, forward and backward (nothing overlaps): the control that separates what splitting costs from
+    what overlapping gains (benchmarks/moe_overlap.py)."""
 
-    def __init__(self):
+    def __init__(self, wait_at_once: bool = False):
         self.trace: list[tuple[str, str]] | None = None
+        self.wait_at_once = wait_at_once
 
     def note(self, event: str, name: str) -> None:
         if self.trace is not None:
@@ -197,7 +207,7 @@ class OverlappedMoEBlock:
             shared.append(moe.shared_experts(half.x) if moe.shared_experts is not None else None)
         outs = []
         for half, sh in zip(halves, shared):  # steps 5 and 6
-            back = wait_all_to_all(half.in_flight, half.exchange)
+            back = self.wait(half)
             self.note("compute", f"sum {half.name}")
             out = combine(back, half.plan, half.weights)
             if sh is not None:
@@ -213,22 +223,28 @@ class OverlappedMoEBlock:
         weights, idx, scores = moe.gate(flat)
         rows, plan = dispatch(flat, idx, ep.n_experts)
         half = Half(name, h, flat, weights, idx, scores, plan, exchange_counts(ep, plan.counts))
-        half.in_flight, half.exchange = start_all_to_all(rows, half.route.got, half.route.sent, ep.group,
-                                                         f"dispatch {name}", self.trace)
+        self.start(half, rows, half.route.got, half.route.sent, ep, "dispatch")
         if ep.meter is not None:
             ep.meter.record(idx, half.route.sent, flat.shape[1] * flat.element_size(), ep.me, ep.node_of,
                             experts_per_node=ep.n_local * ep.ranks_per_node)
         return half
 
+    def start(self, half: Half, rows: torch.Tensor, out_splits: list[int], in_splits: list[int], ep: ExpertParallel,
+              name: str) -> None:
+        half.in_flight, half.exchange = start_all_to_all(rows, out_splits, in_splits, ep.group, f"{name} {half.name}",
+                                                         self.trace, blocking=self.wait_at_once)
+
+    def wait(self, half: Half) -> torch.Tensor:
+        return wait_all_to_all(half.in_flight, half.exchange)
+
     def experts_and_send_back(self, half: Half, moe: MoE, ep: ExpertParallel) -> None:
         """Wait for one half's rows, run the local experts on them, start sending the outputs back (combine)."""
         route = half.route
-        received = wait_all_to_all(half.in_flight, half.exchange).index_select(0, route.order)
+        received = self.wait(half).index_select(0, route.order)
         self.note("compute", f"experts {half.name}")
         out = expert_mlp(received, *ep.local_weights(moe.experts), route.offsets, moe.experts.grouped_mm)
         source_major = torch.empty_like(out).index_copy(0, route.order, out)
-        half.in_flight, half.exchange = start_all_to_all(source_major, route.sent, route.got, ep.group,
-                                                         f"combine {half.name}", self.trace)
+        self.start(half, source_major, route.sent, route.got, ep, "combine")
 
 
 def half_of(t: torch.Tensor | None, i: int, cut: int) -> torch.Tensor | None:
