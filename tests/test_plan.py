@@ -219,6 +219,9 @@ def test_cli_text_and_json(capsys):
     (["plan", "tiny", "--split", "random"], "invalid setting `--split`"),
     (["plan", "tiny", "--gpus", "8", "--ep", "2", "--dp-shard", "2"], "pp 1 x dp_shard 2 x ep 2 = 4 is not the 8 GPUs"),
     (["plan", "deepseek-v3", "--calibrate"], "more than half of this machine"),
+    (["plan", "tiny", "--validate"], "name no model"),
+    (["plan", "--validate", "--v3"], "choose one of"),
+    (["plan", "--validate", "--steps", "0"], "invalid setting `--steps`"),
 ])
 def test_bad_input_is_one_error_line(capsys, argv, message):
     assert main(argv) == 2
@@ -249,9 +252,91 @@ def test_calibration_measures_this_machine():
 
     cfg = preset("tiny")
     shapes = model_gemms(cfg, 1, 32)
-    assert {"experts gate/up", "attention q.k", "output head", "MTP eh_proj"} <= set(shapes)
+    assert {"experts gate/up", "attention core", "output head + loss", "MTP eh_proj"} <= set(shapes)
     fwd = cost.forward_flops_per_token(cfg, 32, include_mtp=True) * 32
     assert sum(f for _, f in shapes.values()) == pytest.approx(fwd, rel=0.02)  # only norms' weights differ
     m = measure_machine(cfg, 1, 32, collective=False)
     rates = m["gemm_flops_per_s"].values()
     assert min(rates) <= m["gemm_rate_used"] <= max(rates) and m["memory_bytes_per_s"] > 0
+    assert 1e-8 < m["op_s"] < 1e-3
+
+
+def _dispatched_ops(fn) -> int:
+    from nanoseek.plan.calibrate import _OpCounter
+
+    with _OpCounter() as counter:
+        fn()
+    return counter.ops
+
+
+@pytest.mark.parametrize("over", [{}, {"q_lora_rank": None, "num_nextn_predict_layers": 0},
+                                  {"n_shared_experts": 0, "n_group": 1, "topk_group": 1, "aux_loss_alpha": 0.0},
+                                  {"num_hidden_layers": 4, "first_k_dense_replace": 2, "num_nextn_predict_layers": 2}])
+def test_host_op_counts_match_the_ops_nanoseek_dispatches(one_thread, tmp_path, over):
+    """The planner's op counts (nanoseek/plan/host.py, from the config alone) against the ops a real
+    training step of that config dispatches (forward + backward per micro-batch; clipping, AdamW and the
+    bias update per step), and its parameter tensors exactly."""
+    import torch
+
+    from nanoseek.config import ModelConfig, preset
+    from nanoseek.model import DeepseekV3ForCausalLM
+    from nanoseek.plan.calibrate import RandomTokens
+    from nanoseek.plan.host import ops_per_micro_batch, ops_per_step, parameter_tensors
+    from nanoseek.train.config import TrainerConfig
+    from nanoseek.train.core import Trainer
+
+    cfg = ModelConfig.from_dict({**preset("tiny").to_dict(), **over})
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg)
+    model.init_weights()
+    trainer = Trainer(TrainerConfig(out_dir=str(tmp_path), device="cpu", dtype="float32", max_steps=5,
+                                    warmup_steps=1, tensorboard=False), model, flops_per_token=1.0, tokens_per_step=32)
+    source = RandomTokens(cfg.vocab_size, 2, 16)
+    loss_fn = lambda m, ids: (m(ids, labels=ids).loss, {})  # noqa: E731
+    trainer.train_step(source, loss_fn)
+    ids = source.next_batch()
+    micro = _dispatched_ops(lambda: model(ids, labels=ids).loss.backward())
+    assert parameter_tensors(cfg) == len(list(model.parameters()))
+    assert ops_per_micro_batch(cfg) == pytest.approx(micro, rel=0.02)
+    step = _dispatched_ops(lambda: trainer.train_step(source, loss_fn))
+    assert ops_per_step(cfg) == pytest.approx(step, rel=0.02)
+
+
+def test_host_op_counts_follow_the_config():
+    """Ops grow with layers and MTP modules, a MoE layer costs more than a dense one, and neither the
+    number of experts, top-k, batch nor sequence length changes them (one grouped GEMM for the experts)."""
+    from nanoseek.config import preset
+    from nanoseek.plan.host import ops_per_micro_batch, ops_per_step
+
+    tiny = preset("tiny").to_dict()
+    deeper = [ops_per_micro_batch({**tiny, "num_hidden_layers": n}) for n in (2, 3, 4, 6)]
+    assert deeper == sorted(deeper) and len(set(deeper)) == 4
+    dense_first = ops_per_micro_batch({**tiny, "num_hidden_layers": 4, "first_k_dense_replace": 2})
+    assert dense_first < deeper[2]
+    assert ops_per_micro_batch({**tiny, "n_routed_experts": 64, "num_experts_per_tok": 6}) == deeper[1]
+    assert ops_per_micro_batch(tiny, include_mtp=False) < ops_per_micro_batch(tiny)
+    assert ops_per_step(tiny, n_micro=4) - ops_per_step(tiny) == 3 * ops_per_micro_batch(tiny)
+
+
+def test_host_costs_only_on_a_calibrated_cpu():
+    """A GPU cluster has no host costs (the V3 step is what it was); a CPU cluster with a per-op cost adds
+    ops x cost, replaces the fused-AdamW time by torch's unfused loop, and no longer prices the tensors of
+    the separately timed units (attention core, output head + loss) as memory traffic."""
+    from nanoseek.config import preset
+    from nanoseek.plan.calibrate import cpu_cluster, predict
+    from nanoseek.plan.host import ADAMW_ACCESSES, CLIP_ACCESSES, ops_per_step
+
+    v3 = plan_training("deepseek-v3", H800, Layout(pp=16, schedule="dualpipe", ep=64, zero=1, micro_batch=1,
+                                                   global_batch=15360, seq_len=4096, precision="fp8",
+                                                   recompute="selective", activations="v3"))
+    assert v3["time"]["framework_s"] == 0 and H800.host is None
+    config = preset("small").to_dict()
+    bare = predict(config, replace(cpu_cluster(50e9, 20e9, None), host=None), 4, 256, "small")["time"]
+    host = predict(config, cpu_cluster(50e9, 20e9, None, op_s=4e-6), 4, 256, "small")["time"]
+    assert host["framework_ops"] == ops_per_step(config)
+    assert host["framework_s"] == pytest.approx(ops_per_step(config) * 4e-6)
+    params = cost.params(config)["params_total"] + cost.params(config)["params_mtp_total"]  # 4,284,832, MTP included
+    assert host["optimizer_s"] == pytest.approx(params * 4 * (ADAMW_ACCESSES + CLIP_ACCESSES) / 20e9, rel=1e-6)
+    assert host["optimizer_s"] > 2 * bare["optimizer_s"]
+    assert host["memory_bound_s"] < bare["memory_bound_s"]  # logits, log-probs, T x T probabilities timed apart
+    assert host["compute_s"] - host["memory_bound_s"] == pytest.approx(bare["compute_s"] - bare["memory_bound_s"])

@@ -13,6 +13,7 @@ from nanoseek.cost.models import load_config
 from nanoseek.errors import UserError, require
 from nanoseek.plan.blocks import ACTIVATION_PROFILES, RECOMPUTE
 from nanoseek.plan.calibrate import calibrate, calibration_text
+from nanoseek.plan.validate import validate, validation_text
 from nanoseek.plan.cluster import cluster
 from nanoseek.plan.layout import SCHEDULES, Layout
 from nanoseek.plan.precision import RECIPES
@@ -76,8 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--v3", action="store_true", help="the DeepSeek-V3 run and its what-ifs")
     m.add_argument("--calibrate", action="store_true", help="measure this machine and check the planner "
                    "against a real training step of MODEL (default: small)")
+    m.add_argument("--validate", action="store_true", help="four --calibrate runs back to back (small 4x256, "
+                   "bench 4x256, small 2x512, tiny 8x512): predicted vs measured step time and memory")
     m.add_argument("--batch", type=int, default=4, help="--calibrate: sequences per step (4)")
-    m.add_argument("--steps", type=int, default=5, help="--calibrate: timed steps (5)")
+    m.add_argument("--steps", type=int, default=5, help="--calibrate/--validate: timed steps (5)")
     m.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -115,7 +118,7 @@ def _print(args: argparse.Namespace, data, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    modes = [m for m in ("sweep", "serve", "v3", "calibrate") if getattr(args, m)]
+    modes = [m for m in ("sweep", "serve", "v3", "calibrate", "validate") if getattr(args, m)]
     if len(modes) > 1:
         raise UserError(f"choose one of --{' / --'.join(modes)}")
     require(args.top >= 1, "--top", args.top, "a positive integer")
@@ -127,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
         rows = v3_plans(**kwargs)
         _print(args, rows, v3_table(rows) + "\n\nassumptions (published setup):\n"
                + "\n".join(f"  - {a}" for a in rows[0]["assumptions"]))
+        return 0
+    if args.validate:
+        if args.models:
+            raise UserError("--validate runs its own four calibration runs; name no model")
+        result = validate(steps=args.steps)
+        _print(args, result, validation_text(result))
         return 0
     if args.calibrate:
         if len(args.models) > 1:

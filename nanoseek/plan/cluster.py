@@ -9,6 +9,7 @@ from typing import Any
 
 from nanoseek.cost.hardware import gpu_spec, load_hardware
 from nanoseek.errors import UserError, is_finite_number, require
+from nanoseek.plan.host import HostCosts
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Cluster:
     internode_gb_s: float          # network bandwidth per GPU per direction
     usd_per_gpu_hour: float | None
     source: str
+    host: HostCosts | None = None  # host-side costs paid in line (a CPU); None on GPUs (hidden: nanoseek/plan/host.py)
 
     @property
     def nodes(self) -> int:

@@ -16,6 +16,8 @@ Memory-bound work (norms, activations, softmax, routing, copies) is not free: ev
 forward produces (all the tensors `blocks` lists, before recomputation drops any) is counted as
 written and read once in the forward and read, its gradient written and read, in the backward (2 and
 3 passes) at the HBM bandwidth; the AdamW update reads and writes its state once per step.
+On a CPU (`Cluster.host`), the framework's per-op cost and AdamW's unfused loop are added
+(nanoseek/plan/host.py).
 Bubbles: 1F1B (PP-1)(F+B); interleaved (PP-1)(F+B)/v; ZB1P (PP-1)(F+B-2W); ZB-V the ZB1P formula on
 half-device chunks; DualPipe (PP/2-1)(F&B+B-3W); DualPipeV the same on half-device chunks over 2PP
 chunks, i.e. (PP-1)(F&B+B-3W)/2 in device units. F&B, the overlapped forward-backward pair, is
@@ -63,10 +65,17 @@ def compute_seconds(mine: list[Block], recompute: str, low: float, high: float) 
     return {"F": f, "W": w, "recompute": extra}
 
 
-def produced_bytes(mine: list[Block], p: Precision, profile: str) -> float:
-    """Per token: every activation the forward produces (kept for the backward or not)."""
+def produced_bytes(mine: list[Block], p: Precision, profile: str, measured_units: bool = False) -> float:
+    """Per token: every activation the forward produces (kept for the backward or not). With
+    `measured_units` (a calibrated CPU, `Cluster.host`), the attention core and the output head + loss
+    were timed as whole units, their elementwise passes included: their tensors (the math kernel's
+    T x T probabilities, the logits and log-probabilities) are left out here."""
     sizes = act_sizes(p, profile)
-    return sum(act_bytes_per_token(b, "none", sizes) + act_bytes_per_token(b, "none", sizes, loss=True) for b in mine)
+    total = sum(act_bytes_per_token(b, "none", sizes) + act_bytes_per_token(b, "none", sizes, loss=True) for b in mine)
+    if measured_units:
+        total -= sum(a.elements * sizes[a.kind] for b in mine for a in b.acts
+                     if a.loss or a.name.startswith("attention probabilities"))
+    return total
 
 
 def chunk_times(bl: list[Block], blocks_in: tuple[int, ...], r: Resolved, cl: Cluster, p: Precision,
@@ -77,7 +86,7 @@ def chunk_times(bl: list[Block], blocks_in: tuple[int, ...], r: Resolved, cl: Cl
     tokens = lo.micro_batch * lo.seq_len
     mine = [bl[i] for i in blocks_in]
     c = compute_seconds(mine, lo.recompute, *rates(cl, p, gemm_efficiency))
-    memory = produced_bytes(mine, p, lo.activations) / (cl.hbm_tb_s * 1e12 * bw_efficiency)
+    memory = produced_bytes(mine, p, lo.activations, cl.host is not None) / (cl.hbm_tb_s * 1e12 * bw_efficiency)
     f = (c["F"] + 2 * memory) * tokens
     b = (2 * c["F"] + c["recompute"] + 3 * memory) * tokens
     moe = sum(1 for blk in mine if blk.moe)
@@ -155,8 +164,10 @@ def optimizer_seconds(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, d
 
 
 def step_time(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, *, gemm_efficiency: float,
-              bw_efficiency: float, overlap: float) -> dict[str, Any]:
-    """Seconds per optimizer step on the slowest device, with its parts."""
+              bw_efficiency: float, overlap: float, host: dict[str, float] | None = None) -> dict[str, Any]:
+    """Seconds per optimizer step on the slowest device, with its parts. `host`: the host-side costs
+    of a CPU (`nanoseek.plan.host.host_seconds`): its framework time is added, its optimizer time
+    replaces the fused-kernel estimate."""
     lo = r.layout
     dual = lo.schedule in DUAL
     chunk = [chunk_times(bl, blocks_in, r, cl, p, gemm_efficiency, bw_efficiency) for blocks_in in r.chunk_blocks]
@@ -180,12 +191,14 @@ def step_time(bl: list[Block], r: Resolved, cl: Cluster, p: Precision, *, gemm_e
     dp = dp_seconds(bl, r, cl, p, worst, bw_efficiency)
     fsdp_exposed = max(0.0, dp["per_micro"] - (t["F"] + t["B"])) * r.n_micro
     compute = r.n_micro * (t["F"] + t["B"])
-    opt = optimizer_seconds(bl, r, cl, p, worst, bw_efficiency)
-    total = r.n_micro * t["fb"] + bub + dp["step"] + fsdp_exposed + opt
+    opt = optimizer_seconds(bl, r, cl, p, worst, bw_efficiency) if host is None else host["optimizer_s"]
+    framework = 0.0 if host is None else host["framework_s"]
+    total = r.n_micro * t["fb"] + bub + dp["step"] + fsdp_exposed + opt + framework
     tokens = lo.micro_batch * lo.seq_len
     d, k = bl[0].hidden, max((b.top_k for b in bl), default=0)
     return {"step_s": total, "compute_s": compute, "recompute_s": r.n_micro * t["recompute"],
-            "memory_bound_s": r.n_micro * t["memory_bound"], "optimizer_s": opt,
+            "memory_bound_s": r.n_micro * t["memory_bound"], "optimizer_s": opt, "framework_s": framework,
+            "framework_ops": 0 if host is None else host["ops"],
             "exposed_all_to_all_s": r.n_micro * t["exposed_comm"], "hidden_all_to_all_s": r.n_micro * t["hidden_comm"],
             "bubble_s": bub, "dp_sync_s": dp["step"], "fsdp_exposed_s": fsdp_exposed,
             "critical_device": worst,

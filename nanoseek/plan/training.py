@@ -9,6 +9,7 @@ from nanoseek.cost import params, train_flops_per_token
 from nanoseek.errors import is_finite_number, require
 from nanoseek.plan.blocks import ATTENTION_KERNELS, blocks
 from nanoseek.plan.cluster import Cluster
+from nanoseek.plan.host import host_seconds
 from nanoseek.plan.layout import DUAL, Layout, resolve
 from nanoseek.plan.memory import DP_BUCKET_BYTES, memory
 from nanoseek.plan.precision import precision
@@ -40,8 +41,13 @@ def plan_training(model: Any, cl: Cluster, layout: Layout, *, tokens: float | No
     r = resolve(layout, model, cl, bl)
     p = precision(layout.precision)
     mem = memory(bl, r, p, cl, reserve_gb)
-    t = step_time(bl, r, cl, p, gemm_efficiency=gemm_efficiency, bw_efficiency=bw_efficiency, overlap=overlap)
     has_mtp = layout.mtp and params(model)["mtp_modules"] > 0
+    host = None
+    if cl.host is not None:
+        host = host_seconds(model, cl.host, r.n_micro, mem["per_device"][0]["params_on_device"],
+                            cl.hbm_tb_s * 1e12 * bw_efficiency, include_mtp=has_mtp)
+    t = step_time(bl, r, cl, p, gemm_efficiency=gemm_efficiency, bw_efficiency=bw_efficiency, overlap=overlap,
+                  host=host)
     model_flops = train_flops_per_token(model, layout.seq_len, include_mtp=has_mtp)
     tokens_per_step = r.global_batch * layout.seq_len
     tokens_per_s = tokens_per_step / t["step_s"]
@@ -111,6 +117,9 @@ def assumptions(lo: Layout, cl: Cluster, p, gemm_eff: float, bw_eff: float, over
         f"{DP_BUCKET_BYTES / 1e6:.0f} MB DP buckets; reserve {reserve_gb:g} GB per GPU",
         "MTP modules " + ("trained (on the last pipeline chunk, in FLOPs and MFU)" if has_mtp else "not trained"),
         "MFU = model FLOPs (3 x forward, recomputation excluded) / peak of all GPUs (full SMs)",
-        "not modelled: kernel launch and framework overhead, FP8 quantisation kernels, load imbalance across "
-        "experts, failures and restarts",
-    ]
+        "not modelled: " + ("" if cl.host else "kernel launch and framework overhead (hidden behind a GPU's "
+                            "kernel queue), ") + "FP8 quantisation kernels, load imbalance across experts, failures "
+        "and restarts",
+    ] + ([f"host (CPU): every dispatched op costs {cl.host.op_s * 1e6:.2f} us ({cl.host.source}); ops counted "
+          "per block of nanoseek's implementation; AdamW as torch's unfused single-tensor loop + gradient clipping "
+          "(nanoseek/plan/host.py)"] if cl.host else [])
