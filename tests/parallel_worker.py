@@ -113,5 +113,139 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------- SFT and GRPO
+# `python tests/parallel_worker.py OUT recipes MODEL_DIR`: one SFT step and one GRPO step per loss variant
+# with data parallelism against one process on the same global batch / the same groups (tests/test_parallel_recipes.py).
+
+def recipe_model():
+    torch.manual_seed(0)
+    return DeepseekV3ForCausalLM(preset("tiny").replace(vocab_size=320, num_hidden_layers=2, n_routed_experts=8,
+                                                        aux_loss_alpha=0.01))
+
+
+def grad_diff(model, reference) -> float:
+    ref_grads = dict(reference.named_parameters())
+    return max(float((full(p.grad) - ref_grads[name].grad).abs().max()) for name, p in model.named_parameters()
+               if p.grad is not None)
+
+
+def rank_mean(value: float, ctx) -> float:
+    """What the trainer logs: the metric averaged over the data-parallel ranks."""
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / ctx.dp_size
+
+
+def sft_step(ctx) -> dict:
+    """Examples of uneven lengths and targets, packed; each rank its rows of the global batch."""
+    from nanoseek.r1.sft import Example, SFTSource, pack_examples, packed_lm_loss
+
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for i in range(12):
+        n = int(torch.randint(6, 20, (1,), generator=g))
+        k = int(torch.randint(1, n - 2, (1,), generator=g))  # the last k tokens are targets
+        examples.append(Example(torch.randint(3, 320, (n,), generator=g).tolist(), [False] * (n - k) + [True] * k, i))
+    seqs = pack_examples(examples, 32, no_target_prefix=2)  # tiny has one MTP module
+    model = recipe_model()
+    reference = copy.deepcopy(model)
+    parallelize(model, ctx)
+    whole = SFTSource(seqs, 4, seed=0, pad_id=0).next_batch()
+    mine = SFTSource(seqs, 4, seed=0, pad_id=0, rank=ctx.dp_rank, ranks=ctx.dp_size).next_batch()
+    ref_loss, _ = packed_lm_loss(reference, whole, mtp_weight=0.3)
+    ref_loss.backward()
+    loss, metrics = packed_lm_loss(model, mine, mtp_weight=0.3, ranks=ctx.dp_size)
+    loss.backward()
+    finish_gradients(model, ctx, 1e30)
+    # what a mean of the ranks' own means would give (the targets fall unevenly: it must differ)
+    with torch.no_grad():
+        own, _ = packed_lm_loss(reference, {k: v for k, v in mine.items() if k not in ("target_tokens", "rows")},
+                                mtp_weight=0.3)
+    return {"loss_diff": abs(rank_mean(metrics["loss"], ctx) - float(ref_loss)), "grad_diff": grad_diff(model, reference),
+            "mean_of_means_diff": abs(rank_mean(float(own), ctx) - float(ref_loss)),
+            "targets": [int((mine["labels"][:, 1:] != -100).sum()), mine["target_tokens"]]}
+
+
+def fixed_groups(task, tok, n_groups: int, group_size: int):
+    """Scored groups with mixed rewards (every group informative) and completions of uneven lengths."""
+    from nanoseek.r1.rollout import SampledTokens, score_completion
+
+    groups = []
+    for gi, problem in enumerate(task.train[:n_groups]):
+        prompt = f"Q: {problem.meta['compact']}\n<think>"
+        group = []
+        for j in range(group_size):
+            ok = (gi + j) % 2 == 0
+            text = f"{'x' * (1 + 3 * gi + j)}</think><answer>{problem.answer}</answer>" if ok else "no " * (1 + gi * j)
+            ids = tok.encode(text) + [tok.eos_id]
+            group.append(score_completion(task, problem, prompt, text, SampledTokens(ids, [-1.0] * len(ids), "stop")))
+        groups.append(group)
+    return groups
+
+
+def grpo_step(ctx, model_dir: str, variant: str) -> dict:
+    """The same pre-made groups for one process (all of them) and for the ranks (each its share)."""
+    from types import SimpleNamespace
+
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.parallel.runtime import ParallelRuntime
+    from nanoseek.r1.configs import GRPOConfig
+    from nanoseek.r1.grpo_batches import RolloutSource
+    from nanoseek.r1.grpo_objective import grpo_loss_fn
+    from nanoseek.r1.grpo_ranks import DataParallelRanks, RolloutPolicy
+    from nanoseek.r1.tasks import get_task
+
+    tok = load_tokenizer(model_dir)
+    task = get_task("arithmetic", n_train=8, n_test=2)
+    cfg = GRPOConfig(model=model_dir, init_from=model_dir, loss=variant, group_size=2, prompts_per_step=4,
+                     max_new_tokens=16, mu=2, grad_accum=2, beta=0.01, max_resample=0)
+    groups = fixed_groups(task, tok, cfg.prompts_per_step, cfg.group_size)
+
+    class Fixed(RolloutSource):
+        def sample_groups(self, round_):
+            self.next_problems()
+            return groups[self.ranks.rank * self.prompts:(self.ranks.rank + 1) * self.prompts]
+
+    def step(model, ref, ranks, policy):
+        trainer = SimpleNamespace(model=model, device=torch.device("cpu"), tokens_per_step=0)
+        source = Fixed(cfg, trainer, tok, task, ref, ranks=ranks, policy=policy)
+        loss_fn, totals = grpo_loss_fn(cfg, ranks), {}
+        for _ in range(cfg.grad_accum):  # as the trainer does: metrics averaged over the micro-batches
+            micro_loss, metrics = loss_fn(model, source.next_batch())
+            (micro_loss / cfg.grad_accum).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        return totals
+
+    model = recipe_model()
+    reference, sampler, ref_model = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model).eval()
+    expected = step(reference, ref_model, DataParallelRanks(), RolloutPolicy(reference))
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e30))
+    parallelize(model, ctx)
+    ranks = DataParallelRanks(ParallelRuntime(ctx))
+    got = step(model, ref_model, ranks, RolloutPolicy(model, sampler))
+    norm = finish_gradients(model, ctx, 1e30)
+    logged = {k: rank_mean(got[k], ctx) for k in sorted(expected)}
+    return {"loss_diff": abs(logged["loss"] - expected["loss"]), "grad_diff": grad_diff(model, reference),
+            "grad_norm": ref_norm, "norm_diff": abs(norm - ref_norm),
+            "metric_diffs": {k: abs(logged[k] - expected[k]) for k in expected}}
+
+
+def recipes(out: Path, model_dir: str) -> None:
+    import os
+
+    ctx = init_parallel(ParallelConfig(dp_shard=int(os.environ["WORLD_SIZE"])), torch.device("cpu"))
+    results = {"sft": sft_step(ctx)}
+    for variant in ("grpo", "dr_grpo", "dapo", "gspo"):
+        results[variant] = grpo_step(ctx, model_dir, variant)
+    if dist.get_rank() == 0:
+        (out / "recipes.json").write_text(json.dumps(results))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[2:3] == ["recipes"]:
+        recipes(Path(sys.argv[1]), sys.argv[3])
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        main()

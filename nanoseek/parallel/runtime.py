@@ -8,6 +8,7 @@ final export. Everything else (the loss, the optimizer, the schedule) is the sin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,13 @@ class ParallelRuntime:
         """Create the process group and the mesh (cfg validated by the caller)."""
         request_hard_exit()  # see nanoseek.errors.request_hard_exit: no C++ teardown of the process group
         return cls(init_parallel(cfg, device))
+
+    @classmethod
+    def for_run(cls, cfg: ParallelConfig, device: torch.device) -> "ParallelRuntime | None":
+        """A training command's runtime: started when `cfg` asks for several processes or torchrun launched
+        this one ($WORLD_SIZE set; with one process that is a 1-rank mesh, so `torchrun --nproc-per-node 1`
+        takes the multi-process code path). None for a plain `python -m nanoseek` run."""
+        return cls.start(cfg, device) if cfg.enabled or "WORLD_SIZE" in os.environ else None
 
     # ------------------------------------------------------------------ facts
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from nanoseek.errors import require
 from nanoseek.r1.grpo_loss import DEFAULT_EPS, LOSS_VARIANTS
 from nanoseek.r1.rewards import RewardConfig
 from nanoseek.r1.rollout import build_task
@@ -15,6 +16,12 @@ from nanoseek.r1.tasks import TEMPLATES, Task
 from nanoseek.train.config import LanguageModelingConfig, TrainerConfig
 
 SFT_TEMPLATES = ("none", "r1_zero", "compact", "chat")
+
+
+def require_data_parallel_only(cfg: TrainerConfig) -> None:
+    """SFT and GRPO split their batches over data-parallel ranks (dp_shard x ep); no pipeline stages."""
+    require(cfg.parallel.pp == 1, "parallel.pp", cfg.parallel.pp,
+            "1: SFT and GRPO train with data parallelism only (parallel.dp_shard, parallel.ep)")
 
 
 @dataclass
@@ -44,6 +51,10 @@ class SFTConfig(LanguageModelingConfig):
             (math.isfinite(self.val_fraction) and 0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)"),
             (self.epochs >= 0, "epochs", ">= 0 (0 = use max_steps)"),
         ]
+
+    def validate(self) -> None:
+        super().validate()
+        require_data_parallel_only(self)
 
 
 @dataclass
@@ -127,6 +138,17 @@ class GRPOConfig(TrainerConfig):
             (math.isfinite(self.time_limit_min) and self.time_limit_min >= 0, "time_limit_min",
              ">= 0 (0 = no limit)"),
         ]
+
+    def validate(self) -> None:
+        super().validate()
+        require_data_parallel_only(self)
+        dp = self.parallel.data_parallel
+        require(self.prompts_per_step % dp == 0, "prompts_per_step", self.prompts_per_step,
+                f"a multiple of the data-parallel ranks ({dp} = parallel.dp_shard x parallel.ep): each rank "
+                "rolls out whole groups of its own prompts")
+        require(self.prompts_per_step // dp * self.group_size >= self.grad_accum, "grad_accum", self.grad_accum,
+                f"<= the sequences of one data-parallel rank ({self.prompts_per_step // dp} prompts x "
+                f"{self.group_size})")
 
     @property
     def clip_range(self) -> tuple[float, float]:

@@ -29,6 +29,9 @@ gen_tokens_per_s, tokens_per_s; every `sample_every` steps a table of sample com
 rewards (printed, and appended to samples.jsonl); every `eval_every` steps greedy accuracy on the
 held-out test split. At the end, `diagnostics.diagnose` gives a one-line verdict per silent failure
 (printed, and written to out_dir/diagnostics.json).
+
+Several processes (`torchrun --nproc-per-node N -m nanoseek grpo ... parallel.dp_shard=N`): data
+parallelism, each rank rolling out its own whole groups (grpo_ranks.py, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import copy
 import dataclasses
 
 from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.device import resolve_device
 from nanoseek.errors import UserError
 from nanoseek.files import write_json
 from nanoseek.hf import model_directory, tokenizer_files
@@ -45,9 +49,11 @@ from nanoseek.r1.configs import GRPOConfig
 from nanoseek.r1.diagnostics import as_json, diagnose, print_diagnostics
 from nanoseek.r1.grpo_batches import RolloutSource
 from nanoseek.r1.grpo_objective import grpo_loss_fn
+from nanoseek.r1.grpo_ranks import DataParallelRanks, RolloutPolicy
 from nanoseek.r1.grpo_report import greedy_eval, write_samples
 from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.sft import config_from_args
+from nanoseek.parallel.runtime import ParallelRuntime
 from nanoseek.train.core import Trainer, print_summary, seed_everything
 from nanoseek.train.pretrain import build_model, train_flops_per_token
 
@@ -69,34 +75,47 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
         raise UserError("GRPO needs a starting model: --model DIR (init_from=DIR)")
     cfg = dataclasses.replace(cfg)  # time_limit_min may shorten max_steps: not the caller's copy
     model_directory(cfg.init_from)
-    seed_everything(cfg.seed)
+    cfg.validate()
+    parallel = ParallelRuntime.for_run(cfg.parallel, resolve_device(cfg.device))
+    ranks = DataParallelRanks(parallel)
+    seed_everything(cfg.seed)  # the same on every rank: identical weights before sharding
     task = cfg.make_task()
     tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
     # GRPO has no seq_len: sequences are prompt + max_new_tokens, checked at generation
     model = build_model(cfg, tokenizer.vocab_size)
+    # the MTP modules are no part of the policy (GRPO's forward never runs them): frozen, they get no
+    # optimizer state, which a sharded checkpoint must hold for every trained weight to load again
+    model.mtp.requires_grad_(False)
     context = cfg.max_new_tokens + max(len(encode_prompt(p, cfg.template, tokenizer))
                                        for p in task.train[:50])
+    # full local copies, taken before the Trainer shards the model: the frozen reference and, on
+    # several processes, the policy that samples (grpo_ranks.RolloutPolicy)
+    ref = build_reference(model, cfg.beta)
+    sampler = copy.deepcopy(model) if parallel else None
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, context),
                       cfg.prompts_per_step * cfg.group_size * context,
-                      extra_files=tokenizer_files(tok_dir))
-    ref = build_reference(model, cfg.beta)
-    if ref is not None:
-        ref.to(trainer.device)
-    source = RolloutSource(cfg, trainer, tokenizer, task, ref)
+                      extra_files=tokenizer_files(tok_dir), parallel=parallel)
+    for local in (ref, sampler):
+        if local is not None:
+            local.to(trainer.device)
+    policy = RolloutPolicy(trainer.model, sampler)
+    source = RolloutSource(cfg, trainer, tokenizer, task, ref, ranks=ranks, policy=policy)
 
-    def evaluate() -> dict:
-        return greedy_eval(trainer.model, tokenizer, task, cfg)
+    def evaluate() -> dict:  # every rank evaluates the same problems (on its own copy: no collectives)
+        policy.refresh()
+        return greedy_eval(policy.model, tokenizer, task, cfg)
 
     def sample() -> dict:
-        return write_samples(trainer, source)
+        return write_samples(trainer, source) if trainer.main else {}
 
-    trainer.fit(source, grpo_loss_fn(cfg), evaluate=evaluate if cfg.eval_every else None,
+    trainer.fit(source, grpo_loss_fn(cfg, ranks), evaluate=evaluate if cfg.eval_every else None,
                 sample=sample, resume=resume, sample_every=cfg.sample_every)
     # silent failures (truncation, zero-variance groups, flat reward, KL, train/inference mismatch)
     trainer.diagnostics = diagnose(trainer.history, cfg.beta)
-    write_json(trainer.out_dir / "diagnostics.json", as_json(trainer.diagnostics))
-    print_diagnostics(trainer.diagnostics)
+    if trainer.main:
+        write_json(trainer.out_dir / "diagnostics.json", as_json(trainer.diagnostics))
+        print_diagnostics(trainer.diagnostics)
     return trainer
 
 
@@ -114,5 +133,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(GRPOConfig, args, [f"task={args.task}"] if args.task else [])
     trainer = run_grpo(cfg, resume=args.resume)
-    print_summary(trainer, ("reward", "accuracy", "test_accuracy", "response_length", "kl"))
+    if trainer.main:
+        print_summary(trainer, ("reward", "accuracy", "test_accuracy", "response_length", "kl"))
+    if trainer.parallel:
+        trainer.parallel.close()
     return 0

@@ -5,6 +5,10 @@ problems x `group_size` samples from the current policy (through `rollout.py`), 
 task's verifier and `RewardConfig`, group-normalized advantages, and, when needed, pi_old and pi_ref
 log-probabilities. The batch is split into `grad_accum` micro-batches; token weights are normalized
 over the whole batch, so the split does not change the gradient.
+
+On several data-parallel ranks (nanoseek.r1.grpo_ranks) each rank draws `prompts_per_step / ranks`
+of the step's prompts (its slice of the same seeded order) and samples them with seeds of its own;
+the weights' normalisers, the token counts and the logged statistics are the whole batch's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from nanoseek.errors import UserError
 from nanoseek.r1.configs import GRPOConfig
 from nanoseek.r1.consistency import RouteCheck, batch_routes
 from nanoseek.r1.grpo_loss import group_advantages, informative_groups, sequence_logprobs, token_weights
+from nanoseek.r1.grpo_ranks import DataParallelRanks, RolloutPolicy
 from nanoseek.r1.rollout import Scored, Stopwatch, encode_prompt, rollout
 from nanoseek.r1.tasks import Task
 from nanoseek.train.core import Trainer
@@ -43,6 +48,11 @@ class RolloutBatch:
     engine_logp: torch.Tensor | None = None
     sampled: torch.Tensor | None = None
     routes: torch.Tensor | None = None
+    # counts over the whole batch, all data-parallel ranks together (None: this batch's, `local_totals`)
+    totals: dict | None = None
+
+    def local_totals(self) -> dict[str, int]:
+        return batch_counts(self.attention_mask, self.weights, self.sampled, self.routes)
 
     def micro(self, index: int, parts: int, measure: bool = False) -> dict:
         """Micro-batch `index` of `parts`. `measure`: log the consistency metrics (first inner
@@ -52,19 +62,27 @@ class RolloutBatch:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
-        counted = self.weights > 0
+        totals = self.totals or self.local_totals()
         measure = measure and self.engine_logp is not None
         return {"input_ids": pick(self.input_ids), "attention_mask": pick(self.attention_mask),
                 "weights": pick(self.weights), "advantages": pick(self.advantages),
                 "old_logp": pick(self.old_logp), "ref_logp": pick(self.ref_logp),
                 "scale": float(parts), "index": index, "stats": self.stats,
-                "batch_tokens": int(counted.sum()), "batch_seqs": int(counted.any(1).sum()),
+                "batch_tokens": totals["counted_tokens"], "batch_seqs": totals["seqs"],
                 "routes": pick(self.routes), "measure": measure,
                 "engine_logp": pick(self.engine_logp) if measure else None,
                 "sampled": pick(self.sampled) if measure else None,
-                "batch_sampled": int(self.sampled.sum()) if measure else 0,
-                "batch_routes": int((self.routes[..., 0] >= 0).sum()) if measure and self.routes is not None
-                else 0}
+                "batch_sampled": totals["sampled"] if measure else 0,
+                "batch_routes": totals["routes"] if measure else 0}
+
+
+def batch_counts(attention_mask: torch.Tensor, weights: torch.Tensor, sampled: torch.Tensor | None,
+                 routes: torch.Tensor | None) -> dict[str, int]:
+    """tokens (attention), counted sequences and tokens (weight > 0), sampled tokens, MoE routes."""
+    counted = weights > 0
+    return {"tokens": int(attention_mask.sum()), "seqs": int(counted.any(1).sum()),
+            "counted_tokens": int(counted.sum()), "sampled": int(sampled.sum()) if sampled is not None else 0,
+            "routes": int((routes[..., 0] >= 0).sum()) if routes is not None else 0}
 
 
 def batch_tensors(groups: list[list[Scored]], prompt_ids: list[list[int]], pad_id: int,
@@ -97,24 +115,35 @@ def engine_logprobs(completions: list, attn: torch.Tensor) -> tuple[torch.Tensor
     return logp, sampled
 
 
+def completion_facts(groups: list[list[Scored]], phrase: str = "") -> list[list[tuple]]:
+    """Per group, per completion: (reward, correct, well formed, tokens, truncated, contains `phrase`):
+    what the statistics need, small enough to gather from every rank."""
+    return [[(s.rewards["total"], s.sample.correct, s.sample.well_formed, len(s.completion.tokens),
+              s.completion.truncated, bool(phrase) and phrase in s.text) for s in g] for g in groups]
+
+
 def rollout_stats(groups: list[list[Scored]], seconds: float, phrase: str = "") -> dict[str, float]:
     """Reward and completion statistics over every sampled completion (before any filtering);
     with `phrase`, the share of completions that contain it (`phrase_share`)."""
-    flat = [s for g in groups for s in g]
-    total = torch.tensor([s.rewards["total"] for s in flat])
-    lengths = [len(s.completion.tokens) for s in flat]
+    return stats_of_facts(completion_facts(groups, phrase), seconds, bool(phrase))
+
+
+def stats_of_facts(groups: list[list[tuple]], seconds: float, phrase: bool = False) -> dict[str, float]:
+    flat = [f for g in groups for f in g]
+    total = torch.tensor([f[0] for f in flat])
+    lengths = [f[3] for f in flat]
     n = len(flat)
     return {
         "reward": total.mean().item(),
         "reward_std": total.std().item() if n > 1 else 0.0,
-        "accuracy": sum(s.sample.correct for s in flat) / n,
-        "format": sum(s.sample.well_formed for s in flat) / n,
+        "accuracy": sum(f[1] for f in flat) / n,
+        "format": sum(f[2] for f in flat) / n,
         "response_length": sum(lengths) / n,
-        "truncated": sum(s.completion.truncated for s in flat) / n,
+        "truncated": sum(f[4] for f in flat) / n,
         # groups whose samples all earned the same reward: zero advantage, nothing to learn from
-        "zero_var_groups": sum(len({s.rewards["total"] for s in g}) == 1 for g in groups) / len(groups),
+        "zero_var_groups": sum(len({f[0] for f in g}) == 1 for g in groups) / len(groups),
         "gen_tokens_per_s": sum(lengths) / max(seconds, 1e-9),
-        **({"phrase_share": sum(phrase in s.text for s in flat) / n} if phrase else {}),
+        **({"phrase_share": sum(f[5] for f in flat) / n} if phrase else {}),
     }
 
 
@@ -134,13 +163,17 @@ def sample_rows(groups: list[list[Scored]], n: int) -> list[dict]:
 class RolloutSource:
     """Batch source for the core: rollout batches from the live policy, reused for `mu` steps.
 
-    State for exact resume: the number of rollout batches drawn (which fixes every sampling seed),
-    the prompt cursor, and the current batch with the position inside it."""
+    State for exact resume, per data-parallel rank: the number of rollout batches drawn (which fixes
+    every sampling seed), the prompt cursor, and the current batch with the position inside it.
+    `ranks` places this rank among the data-parallel ones; `policy` samples (default: the trained model)."""
 
     def __init__(self, cfg: GRPOConfig, trainer: Trainer, tokenizer, task: Task,
-                 ref_model=None):
+                 ref_model=None, ranks: DataParallelRanks | None = None, policy: RolloutPolicy | None = None):
         self.cfg, self.trainer, self.tok, self.task = cfg, trainer, tokenizer, task
         self.ref = ref_model
+        self.ranks = ranks or DataParallelRanks()
+        self.policy = policy or RolloutPolicy(trainer.model)
+        self.prompts = cfg.prompts_per_step // self.ranks.size  # this rank's groups (GRPOConfig.validate)
         self.reward_cfg = cfg.reward_config()
         if not task.train:
             raise UserError(f"task {task.name!r} has no training problems")
@@ -159,7 +192,7 @@ class RolloutSource:
         micro_index = self.pos % cfg.grad_accum
         first_inner_step = self.pos < cfg.grad_accum
         if micro_index == 0:  # the core reads tokens_per_step after the step: count real tokens
-            self.trainer.tokens_per_step = int(self.batch.attention_mask.sum())
+            self.trainer.tokens_per_step = (self.batch.totals or self.batch.local_totals())["tokens"]
             self.check_time_limit()
         self.pos += 1
         return self.batch.micro(micro_index, cfg.grad_accum, measure=first_inner_step)
@@ -172,20 +205,28 @@ class RolloutSource:
         clock = time.process_time if self.cfg.time_limit_cpu else time.perf_counter
         if self._started is None:
             self._started = clock()
-        if clock() - self._started > 60 * self.cfg.time_limit_min:
+        if self.ranks.any(clock() - self._started > 60 * self.cfg.time_limit_min):  # all ranks stop together
             self.trainer.cfg.max_steps = min(self.trainer.cfg.max_steps, self.trainer.step + 1)
 
     def state_dict(self) -> dict:
-        return {"rollouts": self.rollouts, "cursor": self.cursor, "pos": self.pos,
-                "batch": None if self.batch is None else dict(vars(self.batch)),  # plain values: no pickle
-                "signature": self.signature()}
+        """Every rank's position and current batch (gathered: the checkpoint's trainer state is written
+        by rank 0), in rank order."""
+        mine = {"rollouts": self.rollouts, "cursor": self.cursor, "pos": self.pos,
+                "batch": None if self.batch is None else dict(vars(self.batch))}  # plain values: no pickle
+        return {"ranks": self.ranks.gather(mine), "signature": self.signature()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("signature") != self.signature():
             raise UserError("cannot resume GRPO: the task or rollout settings changed since the "
                             f"checkpoint ({state.get('signature')} vs {self.signature()})")
-        self.rollouts, self.cursor, self.pos = state["rollouts"], state["cursor"], state["pos"]
-        self.batch = None if state["batch"] is None else RolloutBatch(**state["batch"])
+        every = state["ranks"]
+        if len(every) != self.ranks.size:
+            raise UserError(f"cannot resume GRPO: the checkpoint holds the rollout streams of {len(every)} "
+                            f"data-parallel rank(s), this run has {self.ranks.size}; resume with the same "
+                            "parallel.dp_shard x parallel.ep (the weights reshard, the rollout streams do not)")
+        mine = every[self.ranks.rank]
+        self.rollouts, self.cursor, self.pos = mine["rollouts"], mine["cursor"], mine["pos"]
+        self.batch = None if mine["batch"] is None else RolloutBatch(**mine["batch"])
 
     def signature(self) -> dict:
         c = self.cfg
@@ -194,19 +235,19 @@ class RolloutSource:
                 "prompts_per_step": c.prompts_per_step, "mu": c.mu, "grad_accum": c.grad_accum}
 
     # -------------------------------------------------------------- drawing a batch
-    def next_problems(self, n: int) -> list:
-        """The next n training problems of a seeded order that is reshuffled every epoch."""
-        out = []
-        for _ in range(n):
-            out.append(self.task.train[self.order[self.cursor]])
-            self.cursor += 1
-        return out
+    def next_problems(self) -> list:
+        """This rank's slice of the next `prompts_per_step` training problems of a seeded order that is
+        reshuffled every epoch (one process: all of them)."""
+        start = self.cursor + self.ranks.rank * self.prompts
+        self.cursor += self.cfg.prompts_per_step
+        return [self.task.train[self.order[start + i]] for i in range(self.prompts)]
 
     def sample_groups(self, round_: int) -> list[list[Scored]]:
         cfg = self.cfg
-        seed = random.Random(f"grpo-sample:{cfg.seed}:{self.rollouts}:{round_}").getrandbits(40)
-        return rollout(self.trainer.model, self.tok, self.task,
-                       self.next_problems(cfg.prompts_per_step), n=cfg.group_size,
+        rank = f":{self.ranks.rank}" if self.ranks.rank else ""  # rank 0 keeps the one-process seeds
+        seed = random.Random(f"grpo-sample:{cfg.seed}:{self.rollouts}:{round_}{rank}").getrandbits(40)
+        return rollout(self.policy.model, self.tok, self.task,
+                       self.next_problems(), n=cfg.group_size,
                        template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
                        reward_cfg=self.reward_cfg, batch_size=cfg.rollout_batch_size,
@@ -219,6 +260,7 @@ class RolloutSource:
         G = cfg.group_size
         every: list[list[Scored]] = []
         kept: list[list[Scored]] = []
+        self.policy.refresh()
         with Stopwatch() as timer:
             for round_ in range(1 + (cfg.max_resample if cfg.uses_dynamic_sampling else 0)):
                 groups = self.sample_groups(round_)
@@ -229,17 +271,28 @@ class RolloutSource:
                     kept += [g for g, k in zip(groups, keep) if k]
                 else:
                     kept += groups
-                if len(kept) >= cfg.prompts_per_step:
+                if len(kept) >= self.prompts:
                     break
         self.rollouts += 1
-        stats = rollout_stats(every, timer.seconds, cfg.track_phrase)
-        stats["groups_kept"] = min(len(kept), cfg.prompts_per_step) / cfg.prompts_per_step
-        stats["rollout_s"] = timer.seconds
-        stats["verifier_failures"] = self.task.stats.errors + self.task.stats.timeouts
+        stats = self.global_stats(every, min(len(kept), self.prompts), timer.seconds)
         if not kept:  # nothing informative: train on the last groups (zero advantage, KL only)
             kept = groups
-        kept = kept[:cfg.prompts_per_step]
+        kept = kept[:self.prompts]
         return self.tensorize(kept, stats, sample_rows(every, cfg.show_samples))
+
+    def global_stats(self, every: list[list[Scored]], kept: int, seconds: float) -> dict[str, float]:
+        """The rollout statistics of all ranks' completions together (the same on every rank); the ranks
+        sample at the same time, so the rollout takes the slowest rank's seconds."""
+        cfg = self.cfg
+        mine = (completion_facts(every, cfg.track_phrase), kept, seconds,
+                self.task.stats.errors + self.task.stats.timeouts)
+        ranks = self.ranks.gather(mine)
+        seconds = max(r[2] for r in ranks)
+        stats = stats_of_facts([g for r in ranks for g in r[0]], seconds, bool(cfg.track_phrase))
+        stats["groups_kept"] = sum(r[1] for r in ranks) / cfg.prompts_per_step
+        stats["rollout_s"] = seconds
+        stats["verifier_failures"] = sum(r[3] for r in ranks)
+        return stats
 
     def tensorize(self, groups: list[list[Scored]], stats: dict, samples: list) -> RolloutBatch:
         cfg = self.cfg
@@ -247,18 +300,22 @@ class RolloutSource:
         ids, attn, comp = batch_tensors(groups, prompt_ids, self.tok.pad_id, cfg.mask_truncated)
         rewards = torch.tensor([s.rewards["total"] for g in groups for s in g])
         adv = group_advantages(rewards, cfg.group_size, scale_std=cfg.loss != "dr_grpo")
-        weights = token_weights(comp, cfg.loss, cfg.max_new_tokens)
         completions = [s.completion for g in groups for s in g]
         engine, sampled = engine_logprobs(completions, attn)
         routes = batch_routes([(len(p), s.completion.routes) for p, g in zip(prompt_ids, groups)
                                for s in g], ids.shape[1])
+        # the whole batch's counts (every rank's rows): the loss normalisers and the logged shares
+        local = batch_counts(attn, comp, sampled, routes)
+        totals = dict(zip(local, map(int, self.ranks.sum(list(local.values())))))
+        weights = token_weights(comp, cfg.loss, cfg.max_new_tokens,
+                                totals=(totals["seqs"], totals["counted_tokens"]))
         if cfg.mu > 1:
             old = (engine.clone() if cfg.old_logprobs == "engine"  # a tensor of its own: checkpoints
                    else self.logprobs_of(self.trainer.model, ids, attn, routes))
         else:
             old = None
         ref = self.logprobs_of(self.ref, ids, attn) if self.ref is not None else None
-        return RolloutBatch(ids, attn, weights, adv, old, ref, stats, samples, engine, sampled, routes)
+        return RolloutBatch(ids, attn, weights, adv, old, ref, stats, samples, engine, sampled, routes, totals)
 
     @torch.no_grad()
     def logprobs_of(self, model, ids: torch.Tensor, attn: torch.Tensor,

@@ -24,7 +24,8 @@ gspo       1/N per sequence, ratio s_i =              std-normed   eps 3e-4 / 4e
 =========  =========================================  ===========  ============================
 
 The loss is computed as a weighted *sum* with weights normalized over the whole rollout batch,
-so a batch split into micro-batches gives exactly the same gradient as one big batch.
+so a batch split into micro-batches gives exactly the same gradient as one big batch, and a batch
+split over data-parallel ranks (each holding whole groups) the same as one process.
 
 Standard deviation: the unbiased (n - 1) estimate, as TRL and verl use (`torch.std`).
 """
@@ -62,12 +63,17 @@ def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (r.max(dim=1).values - r.min(dim=1).values) > 0
 
 
-def token_weights(mask: torch.Tensor, variant: str, max_len: int | None = None) -> torch.Tensor:
+def token_weights(mask: torch.Tensor, variant: str, max_len: int | None = None,
+                  totals: tuple[int, int] | None = None) -> torch.Tensor:
     """[N, T] weights w_{i,t} of the variant (see the module table), zero where mask is 0.
-    Sequences whose mask is all zero (e.g. masked-out truncations) do not count in N."""
+    Sequences whose mask is all zero (e.g. masked-out truncations) do not count in N.
+    `totals`: (counted sequences, counted tokens) of the whole batch when `mask` is only this rank's
+    part of it (data parallelism): the normalisers are then the batch's, so the ranks' weights
+    together equal one process's weights on the whole batch."""
     mask = mask.float()
     lengths = mask.sum(dim=1, keepdim=True)
-    n_seq = (lengths > 0).sum().clamp(min=1)
+    n_seq = (lengths > 0).sum().clamp(min=1) if totals is None else max(totals[0], 1)
+    n_tok = mask.sum().clamp(min=1) if totals is None else max(totals[1], 1)
     if variant in ("grpo", "gspo"):
         return mask / lengths.clamp(min=1) / n_seq
     if variant == "dr_grpo":
@@ -75,7 +81,7 @@ def token_weights(mask: torch.Tensor, variant: str, max_len: int | None = None) 
             raise ValueError("dr_grpo needs the constant length max_len")
         return mask / (n_seq * max_len)
     if variant == "dapo":
-        return mask / mask.sum().clamp(min=1)
+        return mask / n_tok
     raise ValueError(f"unknown loss variant {variant!r}; choose one of {', '.join(LOSS_VARIANTS)}")
 
 

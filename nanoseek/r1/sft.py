@@ -15,6 +15,11 @@ Packed examples are isolated: a block-diagonal attention mask keeps each example
 others, positions restart at 0 for every example, and the first tokens of each example are never a
 target, so no loss crosses an example boundary (the main and the MTP heads alike). A packed batch
 therefore gives the same per-token losses as the examples one by one, without the padding.
+
+Several processes (`torchrun --nproc-per-node N -m nanoseek sft ... parallel.dp_shard=N`): every
+rank draws the same global batch and trains on its own rows of it; the loss is normalised by the
+global batch's target tokens, so the ranks' losses add up to the one-process loss (`packed_lm_loss`,
+docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ import torch
 from nanoseek.data.jsonl import read_jsonl_objects
 from nanoseek.data.shuffle import EpochOrder
 from nanoseek.data.tokenizer import ROLES, load_tokenizer
+from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, warn
 from nanoseek.hf import model_directory, tokenizer_files
 from nanoseek.r1.configs import SFTConfig
 from nanoseek.r1.rollout import encode_prompt, tokenizer_dir_for
 from nanoseek.r1.tasks import Problem
+from nanoseek.parallel.runtime import ParallelRuntime
 from nanoseek.train.config import load_train_config
 from nanoseek.train.core import Trainer, print_summary, seed_everything
 from nanoseek.train.pretrain import build_model, train_flops_per_token
@@ -169,14 +176,30 @@ def collate(seqs: list[Packed], pad_id: int) -> dict[str, torch.Tensor]:
             "positions": pad([s.positions for s in seqs], 0)}
 
 
+def rows_of(batch: dict[str, torch.Tensor], rank: int, ranks: int) -> dict[str, torch.Tensor]:
+    """Data-parallel rank `rank`'s rows of a global batch, with the global batch's `target_tokens`
+    and `rows`, which `packed_lm_loss` normalises by (one rank: the whole batch)."""
+    mine = {k: torch.tensor_split(v, ranks)[rank] for k, v in batch.items()}
+    mine["target_tokens"] = int((batch["labels"][:, 1:] != -100).sum())
+    mine["rows"] = batch["labels"].shape[0]
+    return mine
+
+
 class SFTSource:
     """Batches of packed sequences in a fresh seeded order every epoch; resumable exactly (the
-    state is the number of sequences consumed, checked against a fingerprint of the data)."""
+    state is the number of sequences consumed, checked against a fingerprint of the data).
+    With several data-parallel ranks every rank draws the same global batch and keeps its rows of it
+    (`rank` of `ranks`), so the position is global and a run resumes at any layout."""
 
-    def __init__(self, seqs: list[Packed], batch_size: int, seed: int, pad_id: int):
+    def __init__(self, seqs: list[Packed], batch_size: int, seed: int, pad_id: int, rank: int = 0,
+                 ranks: int = 1):
         if not seqs:
             raise UserError("SFT: no training sequences")
+        if len(seqs) < ranks:
+            raise UserError(f"SFT: {len(seqs)} training sequence(s) cannot be split over {ranks} data-parallel "
+                            "ranks (each needs at least one row)")
         self.seqs, self.batch_size, self.seed, self.pad_id = seqs, batch_size, seed, pad_id
+        self.rank, self.ranks = rank, ranks
         self.consumed = 0
         self.fingerprint = _fingerprint(seqs)
         self.order = EpochOrder(len(seqs), seed, stream="sft")
@@ -190,7 +213,7 @@ class SFTSource:
         for _ in range(min(self.batch_size, len(self.seqs))):
             picked.append(self.seqs[self.order[self.consumed]])
             self.consumed += 1
-        return collate(picked, self.pad_id)
+        return rows_of(collate(picked, self.pad_id), self.rank, self.ranks)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "fingerprint": self.fingerprint}
@@ -221,23 +244,43 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
     return (causal & same)[:, None]
 
 
-def packed_lm_loss(model, batch: dict[str, torch.Tensor], mtp_weight: float = 0.0):
+def packed_lm_loss(model, batch: dict[str, torch.Tensor], mtp_weight: float = 0.0, ranks: int = 1):
     """Completion-only next-token loss on packed sequences (+ MTP and MoE balance losses), through
     the model's public forward: the block-diagonal `segment_mask` as attention mask, positions
-    restarting per example, -100 labels ignored. Returns (loss, metrics)."""
+    restarting per example, -100 labels ignored. Returns (loss, metrics).
+
+    `batch` may be one data-parallel rank's rows of a global batch (`rows_of`; `ranks` ranks): the
+    token losses (next-token and MTP, means over this rank's targets) are then re-weighted by this
+    rank's share of the global batch's target tokens, and the per-sequence balance loss by its share
+    of the rows, so the ranks' losses add up to the one-process loss on the global batch, however
+    unevenly the targets fall. Each is multiplied by `ranks` because the gradients are averaged over
+    the ranks (FSDP2), and so are the metrics. Packing keeps the first MTP-depth + 1 tokens of every
+    example off the targets, so every MTP depth has the same targets as the next-token loss and one
+    count serves all. One rank with the whole batch: both shares are exactly 1."""
     device = next(model.parameters()).device
     labels = batch["labels"].to(device)
+    weight = model.config.mtp_loss_weight if mtp_weight is None else mtp_weight
     out = model(batch["input_ids"].to(device), labels=labels,
                 attention_mask=segment_mask(batch["segments"].to(device)),
-                position_ids=batch["positions"].to(device), mtp_weight=mtp_weight)
-    metrics = {"lm_loss": out.lm_loss.item()}
-    if out.mtp_loss is not None:
-        metrics["mtp_loss"] = out.mtp_loss.item()
+                position_ids=batch["positions"].to(device), mtp_weight=weight)
+    targets = int((labels[:, 1:] != -100).sum())
+    batch_targets, batch_rows = batch.get("target_tokens", targets), batch.get("rows", labels.shape[0])
+    token_share = ranks * targets / max(batch_targets, 1)
+    row_share = ranks * labels.shape[0] / batch_rows
+    lm, mtp = out.lm_loss, out.mtp_loss
+    if targets == 0 and batch_targets > 0:  # no target in these rows (a mean over none is NaN): add 0
+        lm, mtp = lm.nan_to_num(), None if mtp is None else mtp.nan_to_num()
+    loss = lm if mtp is None else lm + weight * mtp
+    loss = loss * token_share
+    metrics = {"lm_loss": lm.item() * token_share}
+    if mtp is not None:
+        metrics["mtp_loss"] = mtp.item() * token_share
     if out.balance_loss is not None:
-        metrics["balance_loss"] = out.balance_loss.item()
-    metrics["loss"] = out.loss.item()
-    metrics["target_tokens"] = float((labels[:, 1:] != -100).sum())
-    return out.loss, metrics
+        loss = loss + out.balance_loss * row_share
+        metrics["balance_loss"] = out.balance_loss.item() * row_share
+    metrics["loss"] = loss.item()
+    metrics["target_tokens"] = float(batch_targets)
+    return loss, metrics
 
 
 @torch.no_grad()
@@ -280,7 +323,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
         raise UserError("SFT needs data=FILE.jsonl (or --data)")
     if cfg.init_from:
         model_directory(cfg.init_from)
-    seed_everything(cfg.seed)
+    cfg.validate()
+    parallel = ParallelRuntime.for_run(cfg.parallel, resolve_device(cfg.device))
+    rank, ranks = (parallel.dp_rank, parallel.dp_size) if parallel else (0, 1)
+    seed_everything(cfg.seed)  # the same on every rank: identical weights before sharding
     tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
     # the data is read and checked before the model is built: a bad line fails in a second
@@ -288,20 +334,21 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
                              cfg.too_long)
     model = build_model(cfg, tokenizer.vocab_size, cfg.seq_len)
     train, val = sft_data(cfg, examples, len(model.mtp))
-    source = SFTSource(train, cfg.batch_size, cfg.seed, tokenizer.pad_id)
+    source = SFTSource(train, cfg.batch_size, cfg.seed, tokenizer.pad_id, rank, ranks)
     if cfg.epochs:
         steps = -(-cfg.epochs * source.batches_per_epoch // cfg.grad_accum)
         cfg = dataclasses.replace(cfg, max_steps=steps)
     tokens = sum(len(s.ids) for s in train) / len(train) * cfg.batch_size * cfg.grad_accum
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, cfg.seq_len), int(tokens),
-                      extra_files=tokenizer_files(tok_dir))
-    print(f"sft: {len(train)} training sequences, {len(val)} validation; {cfg.max_steps} steps "
-          f"of {cfg.batch_size * cfg.grad_accum} sequences")
+                      extra_files=tokenizer_files(tok_dir), parallel=parallel)
+    if trainer.main:
+        print(f"sft: {len(train)} training sequences, {len(val)} validation; {cfg.max_steps} steps "
+              f"of {cfg.batch_size * cfg.grad_accum} sequences")
 
     def loss_fn(model, batch):
-        return packed_lm_loss(model, batch, cfg.mtp_weight(trainer.step))
+        return packed_lm_loss(model, batch, cfg.mtp_weight(trainer.step), ranks)
 
-    def evaluate() -> dict:
+    def evaluate() -> dict:  # every rank the whole validation set: the same forwards on every rank
         return {"val_loss": val_loss(model, val, cfg.batch_size, tokenizer.pad_id)} if val else {}
 
     trainer.fit(source, loss_fn, evaluate=evaluate, resume=resume)
@@ -335,5 +382,8 @@ def config_from_args(cls, args: argparse.Namespace, extra: list[str] | None = No
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(SFTConfig, args)
     trainer = run_sft(cfg, resume=args.resume)
-    print_summary(trainer, ("loss", "val_loss", "tokens_per_s"))
+    if trainer.main:
+        print_summary(trainer, ("loss", "val_loss", "tokens_per_s"))
+    if trainer.parallel:
+        trainer.parallel.close()
     return 0

@@ -114,7 +114,7 @@ class Trainer:
         cfg.validate()  # cheap; recipes built from Python (not the CLI) are checked here too
         if cfg.parallel.enabled and parallel is None:
             raise UserError("parallel.* settings: this command trains in one process only (multi-process "
-                            "training: `nanoseek pretrain`)")
+                            "training: `nanoseek pretrain`, `sft`, `grpo`)")
         self.cfg = cfg
         self.parallel = parallel
         self.main = parallel is None or parallel.is_main  # the rank that logs and exports

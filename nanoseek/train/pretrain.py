@@ -88,7 +88,7 @@ def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
     from nanoseek.data import TokenLoader
 
     cfg.validate()
-    parallel = ParallelRuntime.start(cfg.parallel, resolve_device(cfg.device)) if cfg.parallel.enabled else None
+    parallel = ParallelRuntime.for_run(cfg.parallel, resolve_device(cfg.device))
     dp_rank, dp_size = (parallel.dp_rank, parallel.dp_size) if parallel else (0, 1)
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights before sharding
     loader = TokenLoader(cfg.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size // dp_size,
