@@ -262,9 +262,9 @@ def test_calibration_measures_this_machine():
 
 
 def _dispatched_ops(fn) -> int:
-    from nanoseek.plan.calibrate import _OpCounter
+    from nanoseek.plan.machine import OpCounter
 
-    with _OpCounter() as counter:
+    with OpCounter() as counter:
         fn()
     return counter.ops
 

@@ -48,7 +48,8 @@ def validation_text(v: dict[str, Any]) -> str:
             f"| {r['model']}, {r['batch']} x {r['seq_len']} | {p['peak_bytes'] / 1e6:,.1f} MB | "
             f"{m['peak_above_baseline'] / 1e6:,.1f} MB | {r['memory_error']:+.1%} | {p['step_s'] * 1e3:,.1f} ms | "
             f"{m['step_s_median'] * 1e3:,.1f} ms ({m['step_s'] * 1e3:,.1f}) | {r['time_error']:+.1%} "
-            f"({r['time_error_fastest']:+.1%}) | {r['load_average_before'][0]:.1f} / {r['load_average_after'][0]:.1f} |")
+            f"({r['time_error_fastest']:+.1%}) | {r['load_average_before'][0]:.1f} / "
+            f"{r['load_average_after'][0]:.1f} |")
     lines.append(f"step time within {v['time_target']:.0%}: {v['time_within_target']} of {len(v['runs'])}; "
                  f"peak memory within {v['memory_target']:.0%}: {v['memory_within_target']} of {len(v['runs'])}")
     lines.append("predicted step parts (ms): " + "; ".join(
