@@ -2,7 +2,8 @@
 
 `python tests/parallel_worker.py OUT LAYOUT [LAYOUT ...]`, LAYOUT like `dp_shard=2,ep=1,nodes=1`: for each
 layout, one training step on the mesh against one process on the same global batch; rank 0 writes the
-largest differences to OUT/<layout>.json.
+largest differences to OUT/<layout>.json. A layout with `schedule=` (e.g. `pp=2,ep=2,schedule=zbv`) runs the
+step through pipeline stages (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from nanoseek.model.moe import combine, dispatch
 from nanoseek.parallel.config import ParallelConfig
 from nanoseek.parallel.expert_parallel import ExpertParallel
 from nanoseek.parallel.mesh import init_parallel
-from nanoseek.parallel.parallelize import finish_gradients, parallelize
+from nanoseek.parallel.parallelize import finish_gradients, parallelize, parallelize_pipeline
 from nanoseek.parallel.traffic import TrafficMeter
 
 torch.set_num_threads(1)
@@ -103,14 +104,67 @@ def one_step(spec: str) -> dict:
     return result
 
 
+def pipeline_step(spec: str) -> dict:
+    """One step through pipeline stages (5 blocks: uneven over 2 or 4 stages; the first dense; one MTP module;
+    balance loss on) against one process on the same global batch: loss, every gradient, the norm, the bias."""
+    cfg = ParallelConfig(**{k: v if k == "schedule" else int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(preset("tiny").replace(vocab_size=64, num_hidden_layers=5, n_routed_experts=8,
+                                                         aux_loss_alpha=0.01))
+    cfg.validate(model.config)
+    ctx = init_parallel(cfg, torch.device("cpu"))
+    reference = copy.deepcopy(model)
+    pipe = parallelize_pipeline(model, ctx)
+    torch.manual_seed(1)
+    rows = 2 * cfg.n_microbatches  # per data-parallel rank: micro-batches of 2 rows
+    batch = torch.randint(0, 64, (rows * ctx.dp_size, 16))
+    ref = reference(batch, labels=batch, mtp_weight=0.3)
+    ref.loss.backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e30))
+    metrics = pipe.step(batch.chunk(ctx.dp_size)[ctx.dp_rank], 0.3)
+    norm = finish_gradients(model, ctx, 1e30, pipe)
+    values = torch.tensor([metrics[k] for k in ("loss", "lm_loss", "mtp_loss", "balance_loss")], dtype=torch.float64)
+    dist.all_reduce(values)
+    values /= ctx.world_size  # the same on every pipeline rank: the mean over the data-parallel ranks
+    expected = [float(getattr(ref, k)) for k in ("loss", "lm_loss", "mtp_loss", "balance_loss")]
+    ref_params = dict(reference.named_parameters())
+    diffs = {name: float((full(p.grad) - ref_params[name].grad).abs().max()) if p.grad is not None else float("inf")
+             for name, p in model.named_parameters()}
+    ref_bias = {n: m.gate.e_score_correction_bias for n, m in reference.named_modules() if hasattr(m, "update_bias")}
+    for m in reference.moe_layers():
+        m.update_bias(0.01)
+    bias_equal = True
+    for name, m in model.named_modules():
+        if hasattr(m, "update_bias"):
+            m.update_bias(0.01)
+            bias_equal = bias_equal and torch.equal(m.gate.e_score_correction_bias, ref_bias[name])
+    # every rank's gradient differences, and which parameters each holds
+    parts = [None] * ctx.world_size
+    dist.all_gather_object(parts, (diffs, bias_equal))
+    held = set().union(*(p[0] for p in parts))
+    pipe.refresh_mirror()
+    mirror = pipe.last_chunk.mirror if pipe.last_chunk else None
+    mirror_ok = mirror is None or torch.equal(mirror.detach(), full(model.model.embed_tokens.weight).detach()
+                                              if pipe.first_chunk else mirror.detach())
+    return {"loss_diff": max(abs(a - b) for a, b in zip(values.tolist(), expected)),
+            "values": values.tolist(), "expected": expected,
+            "grad_diff": max(v for p in parts for v in p[0].values()),
+            "worst": max(((v, k) for p in parts for k, v in p[0].items()))[1],
+            "no_grad": sorted(k for p in parts for k, v in p[0].items() if v == float("inf")),
+            "params_covered": held == set(ref_params), "missing": sorted(set(ref_params) - held),
+            "norm_diff": abs(norm - ref_norm), "bias_equal": all(p[1] for p in parts), "mirror_ok": mirror_ok,
+            "stages": cfg.stages, "layers": {str(s): list(r) for s, r in pipe.layers.items()}}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     for spec in sys.argv[2:]:
-        result = one_step(spec)
+        result = pipeline_step(spec) if "schedule=" in spec else one_step(spec)
         if dist.get_rank() == 0:
             (out / f"{spec}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+
 
 
 # ---------------------------------------------------------------------------------------------- SFT and GRPO

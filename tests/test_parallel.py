@@ -27,7 +27,7 @@ TINY = preset("tiny")  # 8 routed experts, n_group=2, topk_group=1
 @pytest.mark.parametrize("settings_, world, message", [
     (dict(dp_shard=2, ep=2), 2, r"2 x 2 = 4, but 2 process\(es\) were started"),
     (dict(ep=3), 3, r"`parallel.ep` = 3: must be a divisor of the routed experts \(8\)"),
-    (dict(pp=2), 2, r"`parallel.pp` = 2: must be 1 \(pipeline parallelism is not implemented yet\)"),
+    (dict(pp=2, schedule="zbv"), 2, r"`parallel.pp` = 2: must be at most 1: zbv cuts the model into 2 x pp stages"),
     (dict(ep=2, nodes=3), 2, r"`parallel.nodes` = 3: must be a divisor of the world size 2"),
     (dict(ep=2, node_limited=True), 2, r"node_limited needs an EP group spanning >= 2 nodes"),
     (dict(ep=4, nodes=4, node_limited=True), 4, r"set model.n_group=4 \(the EP group spans 4 nodes\), got n_group=2"),

@@ -131,6 +131,9 @@ class MoE(nn.Module):
         # object called as dispatcher(x [N, D], weights [N, K], idx [N, K], experts) -> (out [N, D],
         # counts [E] of this rank's token copies per expert) (nanoseek.parallel.expert_parallel).
         self.expert_dispatcher = None
+        # The process group `update_bias` sums the loads over: None = the default group (every rank holds this
+        # layer); pipeline parallelism sets the data-parallel group of the stage that holds it.
+        self.balance_group = None
 
     def few_tokens(self, x: torch.Tensor) -> bool:
         """Whether routed experts run one by one (`GroupedExperts.per_expert`): on CPU, when the token
@@ -166,11 +169,12 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self, gamma: float, center: bool = False) -> torch.Tensor:
         """Auxiliary-loss-free balancing step: b_i += gamma * sign(mean(c) - c_i), with c the loads since
-        the last call (summed over data-parallel ranks when torch.distributed is initialised).
+        the last call (summed over the data-parallel ranks that hold this layer, `balance_group`, when
+        torch.distributed is initialised).
         `center=True` also subtracts the mean update (torchtitan's variant). Returns the loads used."""
         load = self.expert_load.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
+            torch.distributed.all_reduce(load, group=self.balance_group)
         delta = gamma * torch.sign(load.mean() - load)
         if center:
             delta -= delta.mean()

@@ -1,10 +1,11 @@
 """Training on several processes with torch.distributed (launched by torchrun; docs/distributed.md).
 
-  config.py           ParallelConfig: the layout (dp_shard, ep, pp, nodes), checked before any process group
+  config.py           ParallelConfig: the layout (pp + schedule, dp_shard, ep, nodes), checked before any process group
   mesh.py             the process group (gloo on CPU, nccl on CUDA) and the (pp, dp_shard, ep) DeviceMesh
   expert_parallel.py  routed experts sharded over EP; dispatch/combine with all_to_all_single
   fsdp.py             FSDP2 per block and root, mixed precision, the global gradient norm
-  parallelize.py      both applied to a model; gradient completion and clipping after backward
+  pipeline.py         pipeline stages (torch.distributed.pipelining): 1f1b, interleaved_1f1b, zbv, dualpipev
+  parallelize.py      all applied to a model; gradient completion and clipping after backward
   traffic.py          all-to-all bytes per rank, within and across (simulated) nodes
   dcp.py              torch.distributed.checkpoint save/load (atomic, reshardable) and HF export
   runtime.py          ParallelRuntime: what the trainer calls (layout, gradients, metrics, checkpoints)

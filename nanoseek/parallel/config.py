@@ -1,7 +1,9 @@
 """`ParallelConfig`: how the ranks of a `torchrun` job are laid out, checked before any process group.
 
 The world is a 3-D mesh `(pp, dp_shard, ep)` (nanoseek.parallel.mesh):
-  pp        pipeline stages (reserved: 1 until pipeline parallelism lands; the mesh already has the dim),
+  pp        pipeline ranks: the model is cut into stages run by `schedule` over `microbatches` micro-batches
+            (nanoseek.parallel.pipeline; 1f1b has one stage per pipeline rank, interleaved_1f1b, zbv and
+            dualpipev two: in a loop, or in a V that puts the first and the last stage on the same rank),
   dp_shard  FSDP2 sharding of every non-expert weight, its gradients and its optimizer state,
   ep        expert parallelism: the routed experts of each MoE layer are split over `ep` ranks.
 Every rank of one pipeline stage reads its own part of the batch: data parallelism is `dp_shard * ep`
@@ -24,13 +26,17 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import SettingError, require
 
 BACKENDS = ("auto", "gloo", "nccl")
+# pipeline schedule -> (stages per pipeline rank, placement of the stages on the ranks)
+SCHEDULES = {"1f1b": (1, "loop"), "interleaved_1f1b": (2, "loop"), "zbv": (2, "v"), "dualpipev": (2, "v")}
 
 
 @dataclass
 class ParallelConfig:
     dp_shard: int = 1  # FSDP2 degree
     ep: int = 1  # expert-parallel degree
-    pp: int = 1  # pipeline stages (reserved; must be 1 for now)
+    pp: int = 1  # pipeline ranks (stages = pp x the schedule's stages per rank)
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b | interleaved_1f1b | zbv | dualpipev (with pp > 1)
+    microbatches: int = 0  # micro-batches per pipeline step (0: the fewest the schedule needs)
     nodes: int = 1  # machines the job spans (> 1 on one machine: simulated as groups of consecutive ranks)
     node_limited: bool = False  # require each token's experts on at most topk_group nodes (n_group = EP nodes)
     overlap: bool = False  # MoE blocks interleave two halves of each micro-batch to hide the EP all-to-all (overlap.py)
@@ -46,6 +52,31 @@ class ParallelConfig:
     def data_parallel(self) -> int:
         """Ranks of one pipeline stage: each reads its own part of the batch."""
         return self.dp_shard * self.ep
+
+    @property
+    def stages_per_rank(self) -> int:
+        return SCHEDULES[self.schedule][0] if self.pp > 1 else 1
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages: pp x the schedule's stages per rank."""
+        return self.pp * self.stages_per_rank
+
+    @property
+    def v_shape(self) -> bool:
+        """Whether the stages sit on the ranks in a V (rank r: stages r and 2pp-1-r), so the first and the
+        last stage share rank 0."""
+        return self.pp > 1 and SCHEDULES[self.schedule][1] == "v"
+
+    @property
+    def min_microbatches(self) -> int:
+        """What the schedule needs to fill the pipeline: 1F1B one per rank; the two-stage-per-rank schedules
+        one per stage (torch's DualPipeV requires it; ZBV and interleaved are sized the same way here)."""
+        return 1 if self.pp == 1 else self.pp if self.schedule == "1f1b" else self.stages
+
+    @property
+    def n_microbatches(self) -> int:
+        return self.microbatches or self.min_microbatches
 
     @property
     def enabled(self) -> bool:
@@ -73,7 +104,18 @@ class ParallelConfig:
         for name in ("dp_shard", "ep", "pp", "nodes"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"parallel.{name}", value, "an integer >= 1")
-        require(self.pp == 1, "parallel.pp", self.pp, "1 (pipeline parallelism is not implemented yet)")
+        require(self.schedule in SCHEDULES, "parallel.schedule", self.schedule, ", ".join(SCHEDULES))
+        require(isinstance(self.microbatches, int) and self.microbatches >= 0, "parallel.microbatches",
+                self.microbatches, "an integer >= 0 (0: the fewest the schedule needs)")
+        if self.pp > 1 and self.microbatches:
+            need = self.min_microbatches
+            require(self.microbatches >= need, "parallel.microbatches", self.microbatches,
+                    f">= {need}: {self.schedule} with pp={self.pp} needs at least "
+                    + ("one micro-batch per pipeline rank" if self.schedule == "1f1b" else
+                       f"one micro-batch per stage ({self.stages} stages)"))
+            require(self.microbatches % self.pp == 0 or self.schedule != "interleaved_1f1b",
+                    "parallel.microbatches", self.microbatches,
+                    f"a multiple of pp={self.pp} for interleaved_1f1b (whole rounds of micro-batches)")
         require(self.backend in BACKENDS, "parallel.backend", self.backend, "auto, gloo or nccl")
         require(math.isfinite(self.timeout_s) and self.timeout_s > 0, "parallel.timeout_s", self.timeout_s,
                 "a number of seconds > 0")
@@ -93,6 +135,13 @@ class ParallelConfig:
             self.validate_model(model)
 
     def validate_model(self, model: ModelConfig) -> None:
+        if self.pp > 1:
+            require(self.stages <= model.num_hidden_layers, "parallel.pp", self.pp,
+                    f"at most {model.num_hidden_layers // self.stages_per_rank}: {self.schedule} cuts the model "
+                    f"into {self.stages_per_rank} x pp stages, and each needs at least one of the "
+                    f"{model.num_hidden_layers} blocks")
+            require(not model.tie_word_embeddings, "parallel.pp", self.pp,
+                    "1 with model.tie_word_embeddings=true (a tied head is not supported across stages)")
         if self.ep > 1:
             require(model.n_routed_experts > 0, "parallel.ep", self.ep, "1: the model has no routed experts")
             require(model.n_routed_experts % self.ep == 0, "parallel.ep", self.ep,
@@ -106,6 +155,17 @@ class ParallelConfig:
                 raise SettingError(f"parallel.node_limited: the expert groups must be the EP nodes: set "
                                    f"model.n_group={nodes} (the EP group spans {nodes} nodes), got "
                                    f"n_group={model.n_group} with topk_method={model.topk_method!r}")
+
+
+    def validate_batch(self, batch_size: int) -> None:
+        """Each data-parallel rank's rows must split into the pipeline's micro-batches."""
+        if self.pp == 1:
+            return
+        rows = batch_size // self.data_parallel
+        n = self.n_microbatches
+        require(rows % n == 0, "batch_size", batch_size,
+                f"a multiple of data-parallel ranks x micro-batches = {self.data_parallel} x {n} "
+                f"(parallel.microbatches; {self.schedule} with pp={self.pp} needs at least {self.min_microbatches})")
 
 
 def launched_world_size() -> int:

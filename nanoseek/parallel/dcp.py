@@ -35,6 +35,10 @@ from nanoseek.files import file_sha256, fsync_dir, fsync_file
 
 CHECKSUMS = "checksums.json"
 SHARDS = "dcp"
+# The optimizer state keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"): with pipeline
+# stages every rank holds other parameters, and torch's default keeps the groups as lists of names per group
+# index, which DCP would merge across ranks (one stage's list wins and the others lose their hyperparameters).
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -50,7 +54,7 @@ def save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
@@ -75,10 +79,11 @@ def is_sharded(path: Path) -> bool:
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank: read checkpoint `path` into the (already parallelized) model and optimizer, whatever
     the layout it was saved with."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path / SHARDS)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=OPTIONS)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,10 +18,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from nanoseek.errors import request_hard_exit
+from nanoseek.files import write_json
 from nanoseek.parallel import dcp
 from nanoseek.parallel.config import ParallelConfig
 from nanoseek.parallel.mesh import ParallelContext, init_parallel, shutdown
-from nanoseek.parallel.parallelize import finish_gradients, parallelize
+from nanoseek.parallel.parallelize import finish_gradients, parallelize, parallelize_pipeline
+from nanoseek.parallel.pipeline import Pipeline, memory_lines
 from nanoseek.parallel.traffic import TrafficMeter
 
 
@@ -29,6 +31,7 @@ class ParallelRuntime:
     def __init__(self, ctx: ParallelContext):
         self.ctx = ctx
         self.meter = TrafficMeter()
+        self.pipeline: Pipeline | None = None  # this rank's stages, when parallel.pp > 1
 
     @classmethod
     def start(cls, cfg: ParallelConfig, device: torch.device) -> "ParallelRuntime":
@@ -66,10 +69,59 @@ class ParallelRuntime:
 
     # ------------------------------------------------------------------ a step
     def parallelize(self, model: nn.Module) -> nn.Module:
+        """Lay `model` out on the mesh; with pipeline stages it keeps only this rank's (pruned in place)."""
+        if self.ctx.cfg.pp > 1:
+            self.pipeline = parallelize_pipeline(model, self.ctx, self.meter)
+            return model
         return parallelize(model, self.ctx, self.meter)
 
     def finish_gradients(self, model: nn.Module, max_norm: float) -> float:
-        return finish_gradients(model, self.ctx, max_norm)
+        return finish_gradients(model, self.ctx, max_norm, self.pipeline)
+
+    def after_optimizer_step(self) -> None:
+        """Weights that live on two stages (the embedding mirror) take the updated values."""
+        if self.pipeline is not None:
+            self.pipeline.refresh_mirror()
+
+    def report_pipeline_memory(self, out_dir: Path | None = None) -> list[dict]:
+        """Once, after the first step: every pipeline rank's parameters and activations held per stage, measured
+        and as the schedule plans them (nanoseek.parallel.pipeline); rank 0 prints one line per pipeline rank
+        and writes them to `out_dir/pipeline_memory.json`. Stops the measuring."""
+        if self.pipeline is None or not self.pipeline.tracker.active:
+            return []
+        self.pipeline.tracker.active = False
+        mine = self.pipeline.memory_report() if self.dp_rank == 0 else None
+        self.pipeline.tracker.clear()
+        reports: list = [None] * self.world_size
+        dist.all_gather_object(reports, mine)
+        reports = [r for r in reports if r is not None]
+        if self.is_main:
+            for line in memory_lines(reports):
+                print(line)
+            if out_dir is not None:
+                write_json(out_dir / "pipeline_memory.json", reports)
+        return reports
+
+    def moe_layer_numbers(self, model: nn.Module) -> list[int]:
+        """The position of each of `model.moe_layers()` among the whole model's MoE layers (with pipeline
+        stages a rank holds some of them only)."""
+        layers = model.moe_layers()
+        if self.pipeline is None:
+            return list(range(len(layers)))
+        cfg = model.config
+        names = [f"model.layers.{i}.mlp" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        names += [f"mtp.{k}.block.mlp" for k in range(cfg.num_nextn_predict_layers)
+                  if cfg.is_moe_layer(cfg.num_hidden_layers + k)]
+        by_module = {id(m): n for n, m in model.named_modules()}
+        return [names.index(by_module[id(m)]) for m in layers]
+
+    def gather_layer_stats(self, stats: dict[int, tuple[float, float, list[float]]]) -> dict[int, tuple]:
+        """Per-MoE-layer statistics of every pipeline stage (each stage computed its own layers')."""
+        if self.pipeline is None:
+            return stats
+        parts: list = [None] * dist.get_world_size(self.pipeline.group)
+        dist.all_gather_object(parts, stats, group=self.pipeline.group)
+        return {k: v for part in parts for k, v in part.items()}
 
     def all_true(self, flag: bool) -> bool:
         """Whether `flag` holds on every rank (a step is skipped everywhere or nowhere)."""
@@ -118,8 +170,12 @@ class ParallelRuntime:
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         dcp.load_sharded(path, model, optimizer)
+        self.after_optimizer_step()  # the mirror copies the loaded embedding
 
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0 (every pipeline stage's), {} elsewhere."""
+        if self.pipeline is not None:
+            return self.pipeline.full_state()
         return dcp.full_model_state(model)
 
     def broadcast_flag(self, flag: bool) -> bool:

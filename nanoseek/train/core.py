@@ -8,7 +8,8 @@ auxiliary-loss-free bias update after every optimizer step, metrics
 and divergence handling (a step with non-finite loss or gradients is not applied; see `nonfinite`).
 
 Several processes (torchrun, `parallel.*`): the recipe starts a `ParallelRuntime` and passes it in; the
-trainer then lays the model out on the mesh (EP + FSDP2), completes and clips gradients over all ranks,
+trainer then lays the model out on the mesh (EP + FSDP2, pipeline stages with `parallel.pp`: the stages
+compute the loss and run the schedule's forward and backward), completes and clips gradients over all ranks,
 averages the logged metrics, writes sharded checkpoints (torch.distributed.checkpoint) and exports the
 gathered model from rank 0 (nanoseek.parallel, docs/distributed.md).
 
@@ -154,12 +155,19 @@ class Trainer:
             group["lr"] = lr
         totals: dict[str, float] = {}
         finite = True
+        pipeline = self.parallel.pipeline if self.parallel else None
         for _ in range(cfg.grad_accum):
             batch = source.next_batch()
-            with self.autocast_context():
-                loss, metrics = loss_fn(model, batch)
-            finite = finite and bool(torch.isfinite(loss.detach()))
-            (loss / cfg.grad_accum).backward()
+            if pipeline:  # the stages compute the loss (LM + MTP + balance) and run forward and backward
+                with self.autocast_context():
+                    metrics = pipeline.step(batch.to(self.device), pipeline_settings(loss_fn)["mtp_weight"],
+                                            1.0 / cfg.grad_accum)
+                finite = finite and math.isfinite(metrics["loss"])
+            else:
+                with self.autocast_context():
+                    loss, metrics = loss_fn(model, batch)
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                (loss / cfg.grad_accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else 1e30
@@ -170,6 +178,8 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
+            if self.parallel:
+                self.parallel.after_optimizer_step()
             self.bad_steps = 0
         else:  # never apply NaN/inf: the weights and the optimizer moments stay as they were
             self.on_nonfinite_step()
@@ -205,16 +215,24 @@ class Trainer:
         if cfg.balance == "aux_free":
             gamma = piecewise(self.step, cfg.max_steps, cfg.bias_gamma, 0.0, 1 - cfg.bias_gamma_off_frac)
         stats: dict[str, float] = {}
-        ratios, dead = [], []
-        for i, moe in enumerate(self.model.moe_layers()):
+        layers = self.model.moe_layers()
+        numbers = self.parallel.moe_layer_numbers(self.model) if self.parallel else range(len(layers))
+        per_layer = {}  # layer number -> (max/mean load, share of dead experts, load shares)
+        for i, moe in zip(numbers, layers):
             load = moe.update_bias(gamma).float()
             if load.sum() == 0:
                 continue
-            ratio = (load.max() / load.mean()).item()
+            per_layer[i] = ((load.max() / load.mean()).item(), (load == 0).float().mean().item(),
+                            (load / load.sum()).tolist())
+        if self.parallel:  # pipeline stages: each holds its own layers
+            per_layer = self.parallel.gather_layer_stats(per_layer)
+        ratios, dead = [], []
+        for i in sorted(per_layer):
+            ratio, dead_share, shares = per_layer[i]
             ratios.append(ratio)
-            dead.append((load == 0).float().mean().item())
+            dead.append(dead_share)
             stats[f"load_max_mean/layer{i}"] = ratio
-            stats[f"load/layer{i}"] = (load / load.sum()).tolist()
+            stats[f"load/layer{i}"] = shares
         if ratios:
             stats["load_max_mean"] = sum(ratios) / len(ratios)
             stats["dead_experts"] = sum(dead) / len(dead)
@@ -246,6 +264,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics = self.train_step(source, loss_fn)
                 dt = time.perf_counter() - t0
+                if self.parallel:  # pipeline stages: parameters and activations held, once
+                    self.parallel.report_pipeline_memory(self.out_dir)
                 self.step += 1
                 metrics["tokens_per_s"] = self.tokens_per_step / dt
                 if self.peak:
@@ -357,6 +377,15 @@ class Trainer:
         if self.parallel:
             self.parallel.barrier()
         return final
+
+
+def pipeline_settings(loss_fn: LossFn) -> dict[str, float]:
+    """What the pipeline stages need from a recipe whose loss they compute themselves (`mtp_weight`): the
+    recipe's loss function carries it as `loss_fn.pipeline_settings()` (pretraining does)."""
+    settings = getattr(loss_fn, "pipeline_settings", None)
+    if settings is None:
+        raise UserError("parallel.pp > 1: only `nanoseek pretrain` trains through pipeline stages")
+    return settings()
 
 
 def print_summary(trainer: Trainer, keys: tuple[str, ...], label: str = "model") -> None:

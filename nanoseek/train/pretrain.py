@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from nanoseek.cost.accounting import train_flops_per_token as flops_per_token
 from nanoseek.device import resolve_device
-from nanoseek.errors import UserError, warn
+from nanoseek.errors import SettingError, UserError, warn
 from nanoseek.fp8 import fp8_model_build
 from nanoseek.hf import load_weights, tokenizer_files
 from nanoseek.inference.engine import hf_generate
@@ -31,8 +32,10 @@ def train_flops_per_token(model_cfg, seq_len: int) -> float:
 
 @torch.no_grad()
 def evaluate_loss(model: DeepseekV3ForCausalLM, data_dir: str, seq_len: int, batch_size: int, batches: int,
-                  device: torch.device, split: str = "val") -> float:
-    """Mean next-token loss over the first `batches` batches of a split, in a fixed order."""
+                  device: torch.device, split: str = "val", score: Callable[[torch.Tensor], float] | None = None
+                  ) -> float:
+    """Mean next-token loss over the first `batches` batches of a split, in a fixed order. `score`: the loss
+    of one batch when the model is not whole on this rank (pipeline stages), default a forward of `model`."""
     from nanoseek.data import TokenLoader
 
     loader = TokenLoader(data_dir, split, seq_len=seq_len, batch_size=batch_size, shuffle=False, verify=False)
@@ -41,7 +44,7 @@ def evaluate_loss(model: DeepseekV3ForCausalLM, data_dir: str, seq_len: int, bat
     losses = []
     for _ in range(min(batches, max(1, loader.batches_per_epoch))):
         x = loader.next_batch().to(device)
-        losses.append(model(x, labels=x, mtp_weight=0.0).lm_loss.item())
+        losses.append(score(x) if score else model(x, labels=x, mtp_weight=0.0).lm_loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -79,6 +82,8 @@ def lm_loss_fn(cfg: LanguageModelingConfig, trainer: Trainer) -> LossFn:
             metrics["balance_loss"] = out.balance_loss.item()
         return out.loss, metrics
 
+    # with pipeline stages the stages compute this loss themselves (nanoseek.parallel.pipeline): they need lambda
+    loss_fn.pipeline_settings = lambda: {"mtp_weight": cfg.mtp_weight(trainer.step)}
     return loss_fn
 
 
@@ -88,6 +93,10 @@ def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
     from nanoseek.data import TokenLoader
 
     cfg.validate()
+    cfg.parallel.validate_batch(cfg.batch_size)  # micro-batches of the pipeline: still before any process group
+    if cfg.compile and cfg.parallel.v_shape:  # torch splits the backward of their stages, which compile cannot
+        raise SettingError(f"compile=true cannot be combined with parallel.schedule={cfg.parallel.schedule} "
+                           "(use 1f1b or interleaved_1f1b, or compile=false)")
     parallel = ParallelRuntime.for_run(cfg.parallel, resolve_device(cfg.device))
     dp_rank, dp_size = (parallel.dp_rank, parallel.dp_size) if parallel else (0, 1)
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights before sharding
@@ -102,9 +111,12 @@ def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, cfg.seq_len), tokens_per_step,
                       extra_files=extra_files, parallel=parallel)
 
+    pipeline = parallel.pipeline if parallel else None
+
     def evaluate() -> dict:
         try:
-            loss = evaluate_loss(model, cfg.data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, trainer.device)
+            loss = evaluate_loss(model, cfg.data, cfg.seq_len, cfg.batch_size, cfg.eval_batches, trainer.device,
+                                 score=pipeline.forward_loss if pipeline else None)
         except UserError:  # no validation split
             return {}
         return {"val_loss": loss}
@@ -112,8 +124,11 @@ def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
     def sample() -> dict:
         return {"sample": sample_text(model, loader.tokenizer_dir, cfg.sample_prompt, trainer.device)}
 
-    trainer.fit(loader, lm_loss_fn(cfg, trainer), evaluate=evaluate, sample=sample, resume=resume,
-                sample_every=cfg.sample_every)
+    if pipeline and cfg.sample_prompt and trainer.main:
+        warn("sample_prompt is not used with parallel.pp > 1 (no rank holds the whole model to generate with); "
+             "the exported model generates as usual")
+    trainer.fit(loader, lm_loss_fn(cfg, trainer), evaluate=evaluate, sample=None if pipeline else sample,
+                resume=resume, sample_every=cfg.sample_every)
     return trainer
 
 
