@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--dtype both|float32|bfloat16] [--repeats 7] [--block 3]
                                           [--warmup 2] [--threads 1] [--device cpu]
+    python benchmarks/train_throughput.py --profile [--dtype ...]   # where a step goes, by part of the model
 
 The protocol (docs/performance.md, "Training", says why each part is there):
 - identical work: both models hold the same weights, train with the same AdamW on the same batches
@@ -32,8 +33,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import profile, record_function
 
-from nanoseek.config import preset
+from nanoseek.config import ModelConfig, preset
 from nanoseek.hf import save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
 
@@ -180,6 +182,179 @@ def report(blocks: dict, tokens: int) -> dict[str, Spread]:
     return ratios
 
 
+# ---------------------------------------------------------------------- where a step goes (--profile)
+# Module class (nanoseek's or transformers') -> the part of the model its ops are booked to.
+PART_OF_MODULE = {
+    "RMSNorm": "norms", "DeepseekV3RMSNorm": "norms", "MLA": "attention", "DeepseekV3Attention": "attention",
+    "Router": "MoE routing", "DeepseekV3TopkRouter": "MoE routing", "GroupedExperts": "experts",
+    "DeepseekV3Experts": "experts", "MoE": "moe", "DeepseekV3MoE": "moe", "FFN": "ffn", "DeepseekV3MLP": "ffn",
+    "Embedding": "top", "RotaryEmbedding": "attention", "DeepseekV3RotaryEmbedding": "attention",
+}
+PARTS = ["attention projections", "attention core (SDPA)", "attention other (RoPE, split, cat)", "MoE routing",
+         "routed expert GEMMs", "MoE dispatch/combine", "experts: SwiGLU, weighting, casts",
+         "dense FFN + shared experts", "norms", "lm_head GEMM", "loss (log-softmax + NLL)",
+         "residual adds, casts, copies, embedding", "optimizer (AdamW, zero_grad)",
+         "autograd engine, Python between ops"]
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "grouped_mm",
+            "MmBackward", "BmmBackward")
+DISPATCH_OPS = ("index", "sort", "histc", "bincount", "cumsum", "scatter", "gather", "one_hot", "where",
+                "nonzero", "div")
+
+
+def part_flops(cfg: ModelConfig, tokens: int, seq: int) -> dict[str, float]:
+    """FLOPs per training step of the matmul-bearing parts (2 per multiply-add, backward = 2 x forward;
+    the attention core counted over the full T x T, as SDPA's math path computes it)."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    q = d * h * cfg.qk_head_dim if cfg.q_lora_rank is None else cfg.q_lora_rank * (d + h * cfg.qk_head_dim)
+    proj = q + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (
+        cfg.qk_nope_head_dim + cfg.v_head_dim) + h * cfg.v_head_dim * d
+    moe = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+    macs = {
+        "attention projections": proj * len(moe),
+        "attention core (SDPA)": h * seq * (cfg.qk_head_dim + cfg.v_head_dim) * len(moe),
+        "routed expert GEMMs": sum(moe) * cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size,
+        "dense FFN + shared experts": (len(moe) - sum(moe)) * 3 * d * cfg.intermediate_size
+        + sum(moe) * 3 * d * cfg.moe_intermediate_size * cfg.n_shared_experts,
+        "MoE routing": sum(moe) * d * cfg.n_routed_experts,
+        "lm_head GEMM": d * cfg.vocab_size,
+    }
+    return {k: 6.0 * v * tokens for k, v in macs.items()}
+
+
+def label_modules(model) -> list:
+    """Forward hooks that open a record_function range `part::<kind>` around each labelled module."""
+    handles, open_ranges = [], []
+    for name, module in model.named_modules():
+        kind = "lm_head" if name == "lm_head" else PART_OF_MODULE.get(type(module).__name__)
+        if kind is None:
+            continue
+
+        def enter(m, args, kind=kind):
+            r = record_function("part::" + kind)
+            r.__enter__()
+            open_ranges.append(r)
+
+        def leave(m, args, out):
+            open_ranges.pop().__exit__(None, None, None)
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def ancestors(event):
+    while event is not None:
+        yield event
+        event = event.cpu_parent
+
+
+def part_of(kinds: list[str], op: str, gemm: bool, sdpa: bool) -> str:
+    """The part an op belongs to, from the module kinds around it (innermost first) and what it is."""
+    inner = kinds[0] if kinds else "top"
+    if inner == "experts":
+        return ("routed expert GEMMs" if gemm else "MoE dispatch/combine" if any(d in op for d in DISPATCH_OPS)
+                else "experts: SwiGLU, weighting, casts")
+    if inner == "moe":
+        return "MoE dispatch/combine"
+    if inner == "attention":
+        return ("attention core (SDPA)" if sdpa else "attention projections" if gemm
+                else "attention other (RoPE, split, cat)")
+    if inner == "ffn":
+        return "dense FFN + shared experts"
+    if inner == "lm_head":
+        return "lm_head GEMM"
+    if inner == "top":
+        return ("loss (log-softmax + NLL)" if any(k in op for k in ("log_softmax", "nll_loss"))
+                else "residual adds, casts, copies, embedding")
+    return inner  # norms, MoE routing
+
+
+def step_parts(events, steps: int) -> list[dict[str, float]]:
+    """Seconds of profiled self time per part and step. Forward ops are booked by the module around them;
+    a backward op by the forward op that made its autograd node (the profiler's sequence numbers)."""
+    forward = {}  # sequence number -> (depth, module kinds, under SDPA) of its outermost forward op
+    info = {}
+    for ev in events:
+        chain = list(ancestors(ev))
+        names = [e.name for e in chain]
+        kinds = [n[6:] for n in names if n.startswith("part::")]
+        phase = next((n[7:] for n in names if n.startswith("phase::")), None)
+        step = next((int(n[6:]) for n in names if n.startswith("step::")), None)
+        gemm = any(g in n for n in names for g in GEMM_OPS)
+        sdpa = any("scaled_dot_product" in n for n in names)
+        node = next((e for e in chain if e.name.startswith("autograd::engine::evaluate_function")), None)
+        info[id(ev)] = (kinds, phase, step, gemm, node)
+        if phase == "forward" and ev.sequence_nr is not None and ev.sequence_nr >= 0:
+            if ev.sequence_nr not in forward or len(chain) < forward[ev.sequence_nr][0]:
+                forward[ev.sequence_nr] = (len(chain), kinds, sdpa)
+    totals = [dict.fromkeys(PARTS, 0.0) for _ in range(steps)]
+    for ev in events:
+        kinds, phase, step, gemm, node = info[id(ev)]
+        seconds = ev.self_cpu_time_total / 1e6
+        if step is None or seconds == 0 or ev.name.startswith("step::"):
+            continue
+        if phase == "optimizer":
+            part = "optimizer (AdamW, zero_grad)"
+        elif ev.name.startswith(("phase::", "part::")) and phase != "forward":
+            part = "autograd engine, Python between ops"
+        elif ev.name.startswith(("phase::", "part::")) or phase == "forward":
+            part = part_of(kinds, ev.name, gemm, False)
+            if ev.name.startswith(("phase::", "part::")):  # Python between the ops of a module
+                part = "autograd engine, Python between ops"
+            elif phase == "forward" and any("scaled_dot_product" in e.name for e in ancestors(ev)):
+                part = "attention core (SDPA)"
+        elif node is None or node.sequence_nr not in forward:
+            part = "autograd engine, Python between ops"
+        else:
+            _, fwd_kinds, fwd_sdpa = forward[node.sequence_nr]
+            part = part_of(fwd_kinds, ev.name, gemm, fwd_sdpa)
+        totals[step][part] += seconds
+    return totals
+
+
+def profile_model(model, opt, batches, autocast_dtype, steps: int) -> tuple[dict[str, float], float]:
+    """Median share of a step per part, and the median CPU seconds per step (taken in the same run)."""
+    handles = label_modules(model)
+    cpu = []
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            batch = batches[i % len(batches)]
+            c0 = time.process_time()
+            with record_function(f"step::{i}"):
+                with record_function("phase::forward"), torch.autocast(
+                        batch.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = model(batch, labels=batch).loss
+                with record_function("phase::backward"):
+                    loss.backward()
+                with record_function("phase::optimizer"):
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            cpu.append(time.process_time() - c0)
+    for h in handles:
+        h.remove()
+    per_step = step_parts(prof.events(), steps)
+    shares = {p: statistics.median(t[p] / sum(t.values()) for t in per_step) for p in PARTS}
+    return shares, statistics.median(cpu)
+
+
+def print_profile(models, batches, autocast_dtype, warmup: int, steps: int, flops: dict[str, float]) -> None:
+    results = {}
+    for name in NAMES:
+        model, opt = models[name]
+        for i in range(warmup):
+            train_step(model, opt, batches[i % len(batches)], autocast_dtype)
+        results[name] = profile_model(model, opt, batches, autocast_dtype, steps)
+    (ours, ours_s), (ref, ref_s) = results["nanoseek"], results["transformers"]
+    print(f"  CPU s/step (median of {steps}): nanoseek {ours_s:.3f}, transformers {ref_s:.3f}; "
+          f"step FLOPs {sum(flops.values()) / 1e9:.1f} G")
+    print("  | part | nanoseek ms | share | transformers ms | share | GFLOP | nanoseek GFLOP/s |")
+    print("  |---|---|---|---|---|---|---|")
+    for part in PARTS:
+        ms, ref_ms = 1000 * ours[part] * ours_s, 1000 * ref[part] * ref_s
+        gf = flops.get(part)
+        rate = f"{gf / 1e9 / (ms / 1000):.0f}" if gf and ms > 0 else ""
+        print(f"  | {part} | {ms:.0f} | {100 * ours[part]:.1f}% | {ref_ms:.0f} | {100 * ref[part]:.1f}% | "
+              f"{'' if gf is None else f'{gf / 1e9:.2f}'} | {rate} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=["both", "float32", "bfloat16"], default="both",
@@ -191,6 +366,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true", help="instead of timing: where a step goes, by part")
+    p.add_argument("--profile-steps", type=int, default=4)
     args = p.parse_args()
     if min(args.repeats, args.block) < 1 or args.warmup < 0:
         p.error("--repeats and --block must be >= 1, --warmup >= 0")
@@ -201,12 +378,20 @@ def main() -> None:
     tokens = args.batch * args.seq
     print(f"bench preset, batch {args.batch} x {args.seq}, torch {torch.__version__}, {args.device}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; {args.warmup} warm-up steps per model, "
-          f"{args.repeats} rounds of {args.block}-step blocks (AB/BA alternating); "
-          f"load average {load_before[0]:.2f} before")
+          + (f"{args.profile_steps} profiled steps; " if args.profile else
+             f"{args.repeats} rounds of {args.block}-step blocks (AB/BA alternating); ")
+          + f"load average {load_before[0]:.2f} before")
     print("same loss for both: mean next-token cross-entropy in float32; nanoseek balance loss off, no MTP")
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     for dtype in dtypes:
-        runner = Runner(models, batches, torch.bfloat16 if dtype == "bfloat16" else None)
+        autocast = torch.bfloat16 if dtype == "bfloat16" else None
+        if args.profile:
+            print(f"{dtype}{' autocast' if dtype == 'bfloat16' else ''}: profiled parts (shares of profiled time, "
+                  f"ms = share x CPU time per step)")
+            print_profile(models, batches, autocast, args.warmup, args.profile_steps,
+                          part_flops(cfg, tokens, args.seq))
+            continue
+        runner = Runner(models, batches, autocast)
         blocks = measure(runner, args.warmup, args.repeats, args.block)
         losses = ", ".join(f"{n} {runner.first_loss[n]:.4f}" for n in NAMES)
         print(f"{dtype}{' autocast' if dtype == 'bfloat16' else ''}: first-step loss {losses}")

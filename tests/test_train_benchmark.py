@@ -57,3 +57,45 @@ def test_round_ratios_pair_adjacent_blocks():
 def test_format_names_median_and_both_spreads():
     text = bench.fmt(bench.spread([1.0, 2.0, 3.0]), "x", 2)
     assert text.startswith("2.00x") and "IQR 1.50-2.50" in text and "min-max 1.00-3.00" in text
+
+
+def test_part_flops_of_the_bench_preset():
+    from nanoseek.config import preset
+
+    flops = bench.part_flops(preset("bench"), tokens=8 * 256, seq=256)
+    # per token, forward multiply-adds: projections 126,976 x 4 layers, attention core 4 heads x 256 x (48 + 32)
+    # x 4, dense FFN 3 x 256 x 768, 3 MoE layers of shared 3 x 256 x 128 + 4 routed x 3 x 256 x 128 and a
+    # 256 x 16 router, lm_head 256 x 4096; x 6 FLOPs for forward + backward
+    assert sum(flops.values()) == pytest.approx(6 * 2048 * (126976 * 4 + 327680 + 589824 + 3 * (98304 + 393216 + 4096)
+                                                        + 1048576))
+    assert flops["routed expert GEMMs"] == 6 * 2048 * 3 * 4 * 3 * 256 * 128
+
+
+def test_part_flops_agree_with_flop_counter_where_it_counts(one_thread):
+    """FlopCounterMode has no formula for grouped_mm: everything else must match its count exactly."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanoseek.config import preset
+    from nanoseek.model import DeepseekV3ForCausalLM
+
+    cfg = preset("tiny", num_nextn_predict_layers=0, aux_loss_alpha=0.0)
+    model = DeepseekV3ForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, labels=ids).loss.backward()
+    flops = bench.part_flops(cfg, tokens=32, seq=16)
+    assert counter.get_total_flops() == sum(flops.values()) - flops["routed expert GEMMs"]
+
+
+def test_ops_are_booked_to_parts():
+    assert bench.part_of(["experts", "moe"], "aten::mm", gemm=True, sdpa=False) == "routed expert GEMMs"
+    assert bench.part_of(["experts", "moe"], "aten::index_add_", gemm=False, sdpa=False) == "MoE dispatch/combine"
+    assert bench.part_of(["attention"], "aten::bmm", gemm=True, sdpa=True) == "attention core (SDPA)"
+    assert bench.part_of(["attention"], "aten::mm", gemm=True, sdpa=False) == "attention projections"
+    assert bench.part_of([], "aten::_log_softmax", gemm=False, sdpa=False) == "loss (log-softmax + NLL)"
+    assert bench.part_of(["norms", "attention"], "aten::mul", gemm=False, sdpa=False) == "norms"
+
+    from nanoseek.config import preset
+
+    assert set(bench.part_flops(preset("bench"), 1, 1)) <= set(bench.PARTS)  # every FLOP has a row
