@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,3 +138,24 @@ def test_one_process_torchrun_is_the_plain_run(model_dir, tmp_path, monkeypatch)
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
     a, b = weights(mesh), weights(plain)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("prompts_per_step=3", "`prompts_per_step` = 3: must be a multiple of the data-parallel ranks (2"),
+    ("grad_accum=4", "`grad_accum` = 4: must be <= the sequences of one data-parallel rank (1 prompts x 2)"),
+    ("parallel.pp=2", "`parallel.pp` = 2: must be 1"),
+])
+def test_grpo_layouts_are_checked_before_any_process_group(model_dir, monkeypatch, setting, message):
+    from nanoseek.errors import SettingError
+    from nanoseek.r1.configs import GRPOConfig
+    from nanoseek.r1.grpo import run_grpo
+    from nanoseek.train.config import load_train_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be created
+    layout = ["parallel.dp_shard=1"] if setting.startswith("parallel.pp") else ["parallel.dp_shard=2"]
+    with pytest.raises(SettingError, match=re.escape(message)):
+        cfg = load_train_config(GRPOConfig, None, [f"model={model_dir}", f"init_from={model_dir}", "group_size=2",
+                                                   "prompts_per_step=2", *layout, setting])
+        run_grpo(cfg)
+    import torch.distributed as dist
+    assert not dist.is_initialized()
