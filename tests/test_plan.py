@@ -252,7 +252,7 @@ def test_calibration_measures_this_machine():
 
     cfg = preset("tiny")
     shapes = model_gemms(cfg, 1, 32)
-    assert {"experts gate/up", "attention core", "output head + loss", "MTP eh_proj"} <= set(shapes)
+    assert {"routed experts", "attention core", "output head + loss", "MTP eh_proj"} <= set(shapes)
     fwd = cost.forward_flops_per_token(cfg, 32, include_mtp=True) * 32
     assert sum(f for _, f in shapes.values()) == pytest.approx(fwd, rel=0.02)  # only norms' weights differ
     m = measure_machine(cfg, 1, 32, collective=False)

@@ -39,6 +39,7 @@ class Act:
     kind: str = "act"
     dropped_by: str = ""
     loss: bool = False  # logits and log-probabilities: held for one micro-batch whatever the schedule
+    unit: str = ""      # the unit a calibrated CPU times whole ("attention", "head+loss", "experts"; time.py)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _core_acts(h: int, dv: int, seq_len: int, kernel: str) -> list[Act]:
     """A fused kernel (FlashAttention-style) keeps the output and the log-sum-exp; the math kernel
     (torch's SDPA on CPU) keeps the softmax probabilities, T per head per token, instead."""
     if kernel == "math":
-        return [Act("attention probabilities (math kernel)", h * seq_len)]
+        return [Act("attention probabilities (math kernel)", h * seq_len, unit="attention")]
     return [Act("attention output", h * dv), Act("attention log-sum-exp", h, "fp32")]
 
 
@@ -98,10 +99,10 @@ def _attention_acts(c: dict[str, Any], mla: bool, seq_len: int, kernel: str) -> 
     return acts
 
 
-def _swiglu_acts(width: float, label: str, moe: bool = False) -> list[Act]:
-    return [Act(f"{label} gate and up outputs", 2 * width, "swiglu_in" if moe else "act"),
-            Act(f"{label} silu output", width, "act", "swiglu"),
-            Act(f"{label} down_proj input", width, "linear_in", "swiglu")]
+def _swiglu_acts(width: float, label: str, moe: bool = False, unit: str = "") -> list[Act]:
+    return [Act(f"{label} gate and up outputs", 2 * width, "swiglu_in" if moe else "act", unit=unit),
+            Act(f"{label} silu output", width, "act", "swiglu", unit=unit),
+            Act(f"{label} down_proj input", width, "linear_in", "swiglu", unit=unit)]
 
 
 def _ffn_acts(c: dict[str, Any], moe: bool) -> list[Act]:
@@ -113,7 +114,7 @@ def _ffn_acts(c: dict[str, Any], moe: bool) -> list[Act]:
     acts += [Act("router scores", e, "fp32"), Act("routing weights", k, "fp32"),
              Act("routing indices (token order and expert order)", 2 * k, "index"),
              Act("dispatched rows (expert input)", k * d, "linear_in"),
-             *_swiglu_acts(k * ie, "experts", True),
+             *_swiglu_acts(k * ie, "experts", True, "experts"),
              Act("expert outputs (combine input)", k * d, "act", "v3")]
     if c.get("n_shared_experts"):
         acts += _swiglu_acts(c["n_shared_experts"] * ie, "shared expert", True)
@@ -123,7 +124,8 @@ def _ffn_acts(c: dict[str, Any], moe: bool) -> list[Act]:
 def _loss_acts(c: dict[str, Any], label: str) -> list[Act]:
     d, v = c["hidden_size"], c["vocab_size"]
     return _norm_acts(d, label) + [
-            Act(f"{label} logits", v, "act", "", True), Act(f"{label} log-probabilities", v, "fp32", "", True)]
+            Act(f"{label} logits", v, "act", "", True, "head+loss"),
+            Act(f"{label} log-probabilities", v, "fp32", "", True, "head+loss")]
 
 
 def _is_moe(c: dict[str, Any], i: int) -> bool:

@@ -45,8 +45,8 @@ TIME_TARGET = 0.30    # and step time within 30%
 
 def model_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], float]]:
     """Every GEMM shape of one training step of a nanoseek model as (m, k, n) -> its forward FLOPs per
-    step: each projection at its own width, routed experts at the mean rows per expert; the attention
-    core and the output head + loss (run once more per MTP module) as the units
+    step: each projection at its own width; the routed experts (token copies spread evenly), the
+    attention core and the output head + loss (run once more per MTP module) as the units
     `nanoseek.plan.machine.shape_flops_per_s` times whole."""
     tokens, d, h = batch * seq_len, cfg.hidden_size, cfg.num_attention_heads
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
@@ -73,9 +73,7 @@ def model_gemms(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, tuple[t
     add("dense FFN down", (tokens, cfg.intermediate_size, d), dense)
     if moe:
         ie, k, e = cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.n_routed_experts
-        rows = max(1, tokens * k // e)
-        add("experts gate/up", (rows, d, 2 * ie), moe * e)
-        add("experts down", (rows, ie, d), moe * e)
+        shapes["routed experts"] = (("experts", tokens * k, d, ie, e), 2 * tokens * k * d * 3 * ie * moe)
         add("router", (tokens, d, e), moe)
         if cfg.n_shared_experts:
             si = cfg.n_shared_experts * ie

@@ -1,7 +1,8 @@
 """Microbenchmarks of this machine for `nanoseek plan --calibrate`, one thread, in CPU seconds: GEMM
 throughput at given shapes (forward and both gradient GEMMs), whole units timed forward + backward (the
 attention core, the output head + loss), the copy bandwidth, the cost per dispatched op, and a gloo
-all-reduce between two local processes. Each is a property of the machine at a shape, not of a model."""
+all-reduce between two local processes. Each is a property of the machine at a shape; the units run
+nanoseek's own code where it has one (the experts' grouped GEMMs)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanoseek.model.moe import expert_mlp
 
 def _best_seconds(fn, reps: int) -> float:
     """The fastest of `reps` runs after a warm-up, in CPU seconds of this process: on a machine shared
@@ -77,14 +80,36 @@ def head_loss_seconds(batch: int, seq_len: int, d: int, vocab: int, reps: int = 
     return _best_seconds(_forward_backward(loss, [h, w]), reps)
 
 
+def experts_seconds(rows: int, d: int, inter: int, experts: int, reps: int = 3) -> float:
+    """CPU seconds of the routed experts' SwiGLU, forward + backward, as nanoseek runs it
+    (`nanoseek.model.moe.expert_mlp`: two grouped GEMMs over `experts` groups with the gating between
+    them) on `rows` token copies spread evenly over the experts."""
+    x = torch.randn(rows, d, requires_grad=True)
+    gate_up = (torch.randn(experts, 2 * inter, d) * d ** -0.5).requires_grad_()
+    down = (torch.randn(experts, d, inter) * inter ** -0.5).requires_grad_()
+    counts = torch.full((experts,), rows // experts)
+    counts[: rows % experts] += 1
+    offsets = counts.cumsum(0).to(torch.int32)
+    grad = torch.randn(rows, d)
+
+    def run():
+        for t in (x, gate_up, down):
+            t.grad = None
+        expert_mlp(x, gate_up, down, offsets).backward(grad)
+    return _best_seconds(run, reps)
+
+
 def shape_flops_per_s(shape: tuple, reps: int = 3) -> float:
     """A linear layer's GEMMs (`gemm_flops_per_s`); for (b, m, k, n), a batched product and its two
-    gradient products; for ("attention", B, h, T, dqk, dv) and ("head+loss", B, T, d, V), the unit's
-    forward + backward time as a rate on 3 x its counted forward FLOPs (causal attention: half the
-    T x T products)."""
+    gradient products; for ("attention", B, h, T, dqk, dv), ("experts", rows, d, I, E) and
+    ("head+loss", B, T, d, V), the unit's forward + backward time as a rate on 3 x its counted forward
+    FLOPs (causal attention: half the T x T products)."""
     if shape[0] == "attention":
         b, h, t, dqk, dv = shape[1:]
         return 3 * 2 * b * h * t * t * (dqk + dv) / 2 / attention_seconds(b, h, t, dqk, dv, reps)
+    if shape[0] == "experts":
+        rows, d, inter, experts = shape[1:]
+        return 3 * 2 * rows * d * 3 * inter / experts_seconds(rows, d, inter, experts, reps)
     if shape[0] == "head+loss":
         b, t, d, vocab = shape[1:]
         return 3 * 2 * b * t * d * vocab / head_loss_seconds(b, t, d, vocab, reps)

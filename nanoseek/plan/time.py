@@ -67,14 +67,14 @@ def compute_seconds(mine: list[Block], recompute: str, low: float, high: float) 
 
 def produced_bytes(mine: list[Block], p: Precision, profile: str, measured_units: bool = False) -> float:
     """Per token: every activation the forward produces (kept for the backward or not). With
-    `measured_units` (a calibrated CPU, `Cluster.host`), the attention core and the output head + loss
-    were timed as whole units, their elementwise passes included: their tensors (the math kernel's
-    T x T probabilities, the logits and log-probabilities) are left out here."""
+    `measured_units` (a calibrated CPU, `Cluster.host`), the attention core, the routed experts and the
+    output head + loss were timed as whole units, their elementwise passes included: their tensors (the
+    math kernel's T x T probabilities, the experts' SwiGLU tensors, the logits and log-probabilities) are
+    left out here."""
     sizes = act_sizes(p, profile)
     total = sum(act_bytes_per_token(b, "none", sizes) + act_bytes_per_token(b, "none", sizes, loss=True) for b in mine)
     if measured_units:
-        total -= sum(a.elements * sizes[a.kind] for b in mine for a in b.acts
-                     if a.loss or a.name.startswith("attention probabilities"))
+        total -= sum(a.elements * sizes[a.kind] for b in mine for a in b.acts if a.unit)
     return total
 
 
