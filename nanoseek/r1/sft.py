@@ -333,6 +333,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
     examples = check_lengths(load_sft_examples(cfg.data, tokenizer, cfg.template), cfg.seq_len,
                              cfg.too_long)
     model = build_model(cfg, tokenizer.vocab_size, cfg.seq_len)
+    if cfg.mtp_lambda == 0 and cfg.mtp_lambda_final == 0:
+        # MTP weight 0 throughout: the MTP modules never run. Frozen, they get no optimizer state, which a
+        # sharded checkpoint must hold for every trained weight to load again.
+        model.mtp.requires_grad_(False)
     train, val = sft_data(cfg, examples, len(model.mtp))
     source = SFTSource(train, cfg.batch_size, cfg.seed, tokenizer.pad_id, rank, ranks)
     if cfg.epochs:
