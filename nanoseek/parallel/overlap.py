@@ -25,7 +25,8 @@ the two (the other half's work) runs in the backward while the gradient rows are
 The numbers are the plain path's: the same routing, one-process combine order and shared experts per
 token; the balance loss is computed once over both halves' scores in the original token order and the
 aux-free load counts are summed, so the MoE statistics are exactly those of the whole micro-batch.
-Installed as `Block.overlapped_forward` (the model never imports this package).
+Installed as `Block.overlapped_forward` (the model never imports this package). It runs eagerly under
+`compile=true` (the compiled blocks' order of computation and exchanges would be the compiler's).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class OverlappedMoEBlock:
         if self.trace is not None:
             self.trace.append((event, name))
 
+    @torch.compiler.disable  # eager: the order of the computation and the exchanges is the point (compile=true)
     def __call__(self, block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  attn_mask: torch.Tensor | None) -> torch.Tensor:
         moe: MoE = block.mlp
