@@ -14,7 +14,9 @@ so a small model's step also pays, per step:
 The op counts are nanoseek's: the ops its implementation dispatches per block, counted once with a
 `TorchDispatchMode` on the tiny preset and its variants (tests/test_plan.py recounts them on real
 models, so a change to the model code that moves them fails the test). They do not depend on batch
-size, sequence length, the number of experts or top-k (the routed experts are one grouped GEMM)."""
+size, sequence length, the number of experts or top-k (the routed experts are one grouped GEMM; only
+toy widths that grouped_mm cannot align fall back to one matmul per expert, and decoding a handful of
+tokens takes the per-expert path: neither happens in the training steps these counts are for)."""
 
 from __future__ import annotations
 
