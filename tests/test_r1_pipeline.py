@@ -50,6 +50,10 @@ def test_r1_pipeline_runs_every_stage_and_caches(base_dir, tmp_path, monkeypatch
     assert models["distill"]["params"] < models["final_rl"]["params"]
     student = json.loads((tmp_path / "distill" / "run" / "model" / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]  # a dense student
+    for stage in ("cold_start", "reasoning_rl", "sft", "final_rl", "distill"):  # work fixed in steps, all ran
+        result = json.loads((tmp_path / stage / "result.json").read_text())
+        assert result["steps"] == result["planned_steps"] > 0, stage
+        assert result["cpu_seconds"] > 0 and result["load_average"] >= 0
     assert main(args) == 0 and capsys.readouterr().out.count("cached") == len(STAGES)
 
 
@@ -60,3 +64,24 @@ def test_readability_filter():
     assert not readable("1+2=3, 1+2=3.</think><answer>3</answer>")  # a step repeated word for word
     assert not readable("1+2=3 因为</think><answer>3</answer>")  # mixed languages
     assert not readable("<answer>3</answer>")  # malformed
+
+
+def test_cut_short_names_the_stages_that_ran_fewer_steps_than_planned():
+    from nanoseek.r1.pipeline import cut_short
+
+    results = {"cold_start": {"steps": 30, "planned_steps": 30}, "final_rl": {"steps": 9, "planned_steps": 50},
+               "rejection": {"kept": 10}}
+    assert cut_short(results) == ["the final_rl stage was cut short: 9 of 50 steps ran"]
+
+
+def test_arithmetic_cold_start_traces_are_the_corpus_worked_form_readable_and_correct():
+    from nanoseek.r1.pipeline import generated_trace, readable
+    from nanoseek.r1.rewards import parse_completion
+    from nanoseek.r1.rollout import build_task
+
+    task = build_task("arithmetic", n_train=20, n_test=5, options={"n_operands": 2, "max_value": 99, "ops": "+"})
+    for problem in task.train:
+        trace = generated_trace("arithmetic", problem)
+        assert trace.startswith(f"{problem.meta['compact']}={problem.answer}</think>") and readable(trace)
+        assert task.verifier(parse_completion(trace, True).answer, problem)
+    assert generated_trace("countdown", task.train[0]) is None  # no generator: rejection sampling instead

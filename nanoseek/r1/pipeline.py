@@ -4,9 +4,10 @@ model, then distillation into a small dense student (DeepSeek-R1 paper, §2.3 an
 Stages, each cached under out_dir/<stage>/ (its result.json marks it done; a training stage stopped
 part-way resumes from its checkpoints):
 
-  cold_start    SFT of the base on a few readable long traces of training problems: from the task's
-                own trace generator when it has one (chain_sum: running sums), else by rejection
-                sampling from the base with a readability filter
+  cold_start    SFT of the base on a few readable traces of training problems: from the task's own
+                trace generator when it has one (chain_sum: running sums; arithmetic: the worked form
+                of the pretraining corpus), else by rejection sampling from the base with a
+                readability filter
   reasoning_rl  GRPO from the cold-start model: accuracy + format + language consistency (`r1`)
   rejection     k samples per training problem from the RL model; the correct, readable ones
   sft           SFT of the *base* model on them (R1 trains DeepSeek-V3-Base on this data, not the RL model)
@@ -14,6 +15,10 @@ part-way resumes from its checkpoints):
   distill       SFT of a small dense student (a preset with dense FFNs, from scratch) on the final model's
                 verified, readable traces
   eval          held-out evaluation of every stage's model (accuracy, length, format, readability)
+
+Every stage's work is fixed in steps (GRPO: `rl_steps`, `final_rl_steps`; SFT: epochs over a sampled set
+that the seed fixes); each training stage's result records the steps it ran and planned (`cut_short`).
+`nanoseek demo` runs these same stages on its base model next to R1-Zero.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from rich.table import Table
 
 from nanoseek.config import PRESETS, preset
 from nanoseek.data.tokenizer import load_tokenizer
-from nanoseek.errors import UserError, require
+from nanoseek.errors import UserError, require, warn
 from nanoseek.files import write_json
 from nanoseek.hf import load_model_and_tokenizer
 from nanoseek.r1.configs import DistillConfig, GRPOConfig, SFTConfig
@@ -82,6 +87,7 @@ class R1Config:
     distill_epochs: int = 15  # a student from scratch: 5 epochs left it at 1% (format 15%), 15 at 24% (chain_sum)
     distill_lr: float = 1e-3
     eval_k: int = 4
+    eval_base: bool = True  # evaluate the base model too (`nanoseek demo` has already, with the same settings)
 
     def validate(self) -> None:
         for ok, name, allowed in [
@@ -110,12 +116,34 @@ def readable(text: str, opened_think: bool = True) -> bool:
     return len(steps) == len(set(steps)) and language_consistency(parsed.think) == 1.0
 
 
-def generated_trace(problem: Problem) -> str | None:
-    """A readable long trace from the task's own generator, or None when the task has none."""
-
-    if "terms" in problem.meta:  # chain_sum
+def generated_trace(task: str, problem: Problem) -> str | None:
+    """A readable trace from the task's own generator, or None when the task has none. chain_sum: running
+    sums (long); arithmetic: `23+18=41`, the worked form of the pretraining corpus (`corpus.worked_example`),
+    which for a two-operand sum is the whole reasoning."""
+    if task == "chain_sum":
         return f"{running_sum_trace(problem.meta['terms'], check=False)}</think><answer>{problem.answer}</answer>"
+    if task == "arithmetic":
+        return f"{problem.meta['compact']}={problem.answer}</think><answer>{problem.answer}</answer>"
     return None
+
+
+def held_out_metrics(model_dir: str, task: Task, *, template: str, k: int, max_new_tokens: int, seed: int,
+                     samples_out: Path) -> dict:
+    """A model's held-out evaluation (`evaluate_model`: greedy accuracy, pass@1 over k samples, format rate,
+    mean response length, ...) plus the share of readable completions (greedy and sampled) and its size."""
+    model, tok = load_model_and_tokenizer(model_dir)
+    result = evaluate_model(model, tok, task, k=k, template=template, max_new_tokens=max_new_tokens, seed=seed,
+                            samples_out=samples_out)
+    rows = [json.loads(x) for x in Path(samples_out).read_text(encoding="utf-8").splitlines()]
+    return {**json.loads(result.to_json()),
+            "readable": sum(readable(x["completion"]) for x in rows) / max(1, len(rows)),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def cut_short(results: dict[str, dict]) -> list[str]:
+    """One line per stage result that ran fewer steps than it planned (its numbers are not the run's)."""
+    return [f"the {name} stage was cut short: {r['steps']} of {r['planned_steps']} steps ran"
+            for name, r in results.items() if r.get("steps", 0) < r.get("planned_steps", 0)]
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -131,8 +159,8 @@ class R1Pipeline:
         return self.stages.run(name, fn)
 
     # -- helpers -------------------------------------------------------------------------------------
-    def sft(self, folder: Path, init: str, rows: list[dict], epochs: int, lr: float, student: str = "") -> str:
-
+    def sft(self, folder: Path, init: str, rows: list[dict], epochs: int, lr: float, student: str = "") -> dict:
+        """SFT (or, with `student`, distillation into a fresh student) on `rows`: the model and its steps."""
         if not rows:
             raise UserError(f"{folder.name}: no traces to train on (nothing correct and readable was sampled)")
         data = write_jsonl(rows, folder / "traces.jsonl")
@@ -141,11 +169,12 @@ class R1Pipeline:
         resume = bool(list_checkpoints(folder / "run" / "checkpoints"))
         if student:
             dense = {"first_k_dense_replace": preset(student).num_hidden_layers} if self.cfg.student_dense else {}
-            run_distill(DistillConfig(model=student, tokenizer=self.cfg.model, model_overrides=dense, **common),
-                        resume=resume)
+            trainer = run_distill(DistillConfig(model=student, tokenizer=self.cfg.model, model_overrides=dense,
+                                                **common), resume=resume)
         else:
-            run_sft(SFTConfig(model=init, init_from=init, **common), resume=resume)
-        return str(folder / "run" / "model")
+            trainer = run_sft(SFTConfig(model=init, init_from=init, **common), resume=resume)
+        return {"model": str(folder / "run" / "model"), "examples": len(rows), "steps": trainer.step,
+                "planned_steps": trainer.cfg.max_steps}
 
     def grpo(self, folder: Path, init: str, steps: int) -> dict:
 
@@ -157,7 +186,7 @@ class R1Pipeline:
                          eval_every=0, sample_every=0, show_samples=0, save_every=max(1, steps // 2),
                          tensorboard=False, seed=c.seed)
         trainer = run_grpo(cfg, resume=bool(list_checkpoints(folder / "run" / "checkpoints")))
-        return {"model": str(folder / "run" / "model"), "steps": trainer.step,
+        return {"model": str(folder / "run" / "model"), "steps": trainer.step, "planned_steps": steps,
                 "diagnostics": [f.line() for f in trainer.diagnostics]}
 
     def sample(self, model_dir: str, problems: list[Problem], k: int) -> tuple[list[dict], dict]:
@@ -175,15 +204,15 @@ class R1Pipeline:
 
         tok = load_tokenizer(self.cfg.model)
         problems = self.task.train[:self.cfg.cold_start_examples]
-        traces = [(p, generated_trace(p)) for p in problems]
+        traces = [(p, generated_trace(self.task.name, p)) for p in problems]
         if all(t is not None for _, t in traces):
             rows = [{"prompt": render_prompt(p, self.cfg.template, tok), "completion": t} for p, t in traces]
             source = "task generator"
         else:
             rows, _ = self.sample(self.cfg.model, problems, max(self.cfg.k, 8))
             source = "rejection sampling from the base (readable only)"
-        model = self.sft(folder, self.cfg.model, rows, self.cfg.cold_start_epochs, self.cfg.sft_lr)
-        return {"model": model, "examples": len(rows), "source": source}
+        return {**self.sft(folder, self.cfg.model, rows, self.cfg.cold_start_epochs, self.cfg.sft_lr),
+                "source": source}
 
     def rejection(self, folder: Path) -> dict:
 
@@ -194,41 +223,36 @@ class R1Pipeline:
     def sft_stage(self, folder: Path) -> dict:
         rows = [json.loads(x) for x in Path(self.results["rejection"]["traces"]).read_text().splitlines()]
         cold = [json.loads(x) for x in (self.out / "cold_start" / "traces.jsonl").read_text().splitlines()]
-        return {"model": self.sft(folder, self.cfg.model, rows + cold, self.cfg.sft_epochs, self.cfg.sft_lr),
-                "examples": len(rows) + len(cold)}
+        return self.sft(folder, self.cfg.model, rows + cold, self.cfg.sft_epochs, self.cfg.sft_lr)
 
     def distill(self, folder: Path) -> dict:
         rows, stats = self.sample(self.results["final_rl"]["model"], self.task.train, self.cfg.k)
-        model = self.sft(folder, "", rows, self.cfg.distill_epochs, self.cfg.distill_lr, student=self.cfg.student)
-        return {"model": model, **stats}
+        return {**stats, **self.sft(folder, "", rows, self.cfg.distill_epochs, self.cfg.distill_lr,
+                                    student=self.cfg.student)}
 
     def evaluate(self, folder: Path) -> dict:
 
-        out = {}
-        models = {"base": self.cfg.model, **{s: self.results[s]["model"] for s in STAGES[:-1] if s != "rejection"}}
-        for name, model_dir in models.items():
-            model, tok = load_model_and_tokenizer(model_dir)
-            path = folder / f"{name}.samples.jsonl"
-            r = evaluate_model(model, tok, self.task, k=self.cfg.eval_k, template=self.cfg.template,
-                               max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed, samples_out=path)
-            rows = [json.loads(x) for x in path.read_text().splitlines()]
-            out[name] = {"greedy_accuracy": r.greedy_accuracy, "pass_at_1": r.pass_at_1, "format_rate": r.format_rate,
-                         "mean_response_length": r.mean_response_length,
-                         "readable": sum(readable(x["completion"]) for x in rows) / max(1, len(rows)),
-                         "params": sum(p.numel() for p in model.parameters())}
-        return {"models": out}
+        c = self.cfg
+        models = {"base": c.model} if c.eval_base else {}
+        models.update({s: self.results[s]["model"] for s in STAGES[:-1] if s != "rejection"})
+        return {"models": {name: held_out_metrics(model_dir, self.task, template=c.template, k=c.eval_k,
+                                                  max_new_tokens=c.max_new_tokens, seed=c.seed,
+                                                  samples_out=folder / f"{name}.samples.jsonl")
+                           for name, model_dir in models.items()}}
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, dict]:
+        """Every stage in order (cached ones reused); the results by stage name."""
         self.stage("cold_start", self.cold_start)
         self.stage("reasoning_rl", lambda f: self.grpo(f, self.results["cold_start"]["model"], self.cfg.rl_steps))
         self.stage("rejection", self.rejection)
         self.stage("sft", self.sft_stage)
         self.stage("final_rl", lambda f: self.grpo(f, self.results["sft"]["model"], self.cfg.final_rl_steps))
         self.stage("distill", self.distill)
-        return self.stage("eval", self.evaluate)
+        self.stage("eval", self.evaluate)
+        return self.results
 
 
-def run_r1(cfg: R1Config) -> dict:
+def run_r1(cfg: R1Config) -> dict[str, dict]:
     cfg.validate()
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.out_dir) / "r1_config.json", asdict(cfg))
@@ -248,12 +272,14 @@ def run(args: argparse.Namespace) -> int:
     extra = [f"model={args.model}"] if args.model else []
     extra += [f"task={args.task}"] if args.task else []
     cfg = load_train_config(R1Config, args.config, extra + list(args.overrides))
-    result = run_r1(cfg)
+    results = run_r1(cfg)
+    for line in cut_short(results):
+        warn(line)
 
     t = Table(title=f"nanoseek r1: {cfg.task}, held-out test")
     for col in ("model", "params", "greedy acc", "pass@1", "length", "format", "readable"):
         t.add_column(col, justify="right")
-    for name, m in result["models"].items():
+    for name, m in results["eval"]["models"].items():
         t.add_row(name, f"{m['params']:,}", f"{m['greedy_accuracy']:.1%}", f"{(m['pass_at_1'] or 0):.1%}",
                   f"{m['mean_response_length']:.1f}", f"{m['format_rate']:.1%}", f"{m['readable']:.1%}")
     Console().print(t)
