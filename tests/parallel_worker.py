@@ -107,7 +107,8 @@ def one_step(spec: str) -> dict:
 def pipeline_step(spec: str) -> dict:
     """One step through pipeline stages (5 blocks: uneven over 2 or 4 stages; the first dense; one MTP module;
     balance loss on) against one process on the same global batch: loss, every gradient, the norm, the bias."""
-    cfg = ParallelConfig(**{k: v if k == "schedule" else int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+    kinds = {"schedule": str, "overlap": lambda v: v == "1"}
+    cfg = ParallelConfig(**{k: kinds.get(k, int)(v) for k, v in (kv.split("=") for kv in spec.split(","))})
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(preset("tiny").replace(vocab_size=64, num_hidden_layers=5, n_routed_experts=8,
                                                          aux_loss_alpha=0.01))

@@ -46,6 +46,7 @@ from nanoseek.parallel.config import ParallelConfig
 from nanoseek.parallel.expert_parallel import apply_expert_parallel
 from nanoseek.parallel.fsdp import precision_policy
 from nanoseek.parallel.mesh import ParallelContext
+from nanoseek.parallel.overlap import install_overlap
 from nanoseek.parallel.traffic import TrafficMeter
 
 SCHEDULE_CLASSES = {"1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
@@ -190,6 +191,8 @@ class Pipeline:
                                  for c in self.chunks}
         prune(model, [i for s in self.my_stages for i in runs[s]], 0 in self.my_stages, last in self.my_stages)
         experts = apply_expert_parallel(model, ctx, meter) if cfg.ep > 1 else set()
+        if cfg.overlap:  # each micro-batch's MoE blocks interleave two halves (nanoseek.parallel.overlap)
+            install_overlap(model, cfg.ep)
         self.shard(experts)
         for moe in model.moe_layers():
             moe.balance_group = ctx.dp_mesh.get_group()  # the loads of this stage's ranks only
@@ -391,10 +394,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ memory
     def planned_actions(self) -> list:
-        """This rank's compute actions as the schedule plans them (torch's schedule IR)."""
-        plan = (self.schedule._get_pipeline_order() if isinstance(self.schedule, Schedule1F1B)
-                else self.schedule.pipeline_order)
-        return [a for a in plan[self.pp_rank] if a is not None]
+        """This rank's compute actions in the order the schedule runs them: torch's schedule IR, except for
+        1F1B, whose runner does not follow its IR (it runs min(n, pp - s) forwards, then backward-forward
+        pairs, then the remaining backwards)."""
+        if isinstance(self.schedule, Schedule1F1B):
+            n, s = self.cfg.n_microbatches, self.my_stages[0]
+            warmup = min(n, self.cfg.pp - s)
+            order = [("F", i) for i in range(warmup)]
+            for b in range(n):
+                order.append(("B", b))
+                if warmup + b < n:
+                    order.append(("F", warmup + b))
+            return [Action(s, kind, mb, 0.0, 0.0) for kind, mb in order]
+        return [a for a in self.schedule.pipeline_order[self.pp_rank] if a is not None]
 
     def memory_report(self) -> dict:
         """This rank's stages: parameters (the whole stage, and this rank's shards of it) and activations: the
