@@ -123,6 +123,7 @@ def pipeline_step(spec: str) -> dict:
     ref.loss.backward()
     ref_norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e30))
     metrics = pipe.step(batch.chunk(ctx.dp_size)[ctx.dp_rank], 0.3)
+    memory = pipe.memory_report()  # the step ran with the tracker on (the first step always does)
     norm = finish_gradients(model, ctx, 1e30, pipe)
     values = torch.tensor([metrics[k] for k in ("loss", "lm_loss", "mtp_loss", "balance_loss")], dtype=torch.float64)
     dist.all_reduce(values)
@@ -154,7 +155,8 @@ def pipeline_step(spec: str) -> dict:
             "no_grad": sorted(k for p in parts for k, v in p[0].items() if v == float("inf")),
             "params_covered": held == set(ref_params), "missing": sorted(set(ref_params) - held),
             "norm_diff": abs(norm - ref_norm), "bias_equal": all(p[1] for p in parts), "mirror_ok": mirror_ok,
-            "stages": cfg.stages, "layers": {str(s): list(r) for s, r in pipe.layers.items()}}
+            "stages": cfg.stages, "layers": {str(s): list(r) for s, r in pipe.layers.items()},
+            "memory": memory}
 
 
 def main() -> None:

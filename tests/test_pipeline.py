@@ -109,6 +109,22 @@ def check_step(r: dict) -> None:
 
 
 @pytest.mark.parametrize("spec", TWO)
+def test_memory_held_per_stage_is_what_the_schedule_plans(two_procs, spec):
+    """Rank 0's stages: the micro-batches held at once, measured around torch's stage calls, equal the
+    schedule's plan; 1F1B's first stage holds pp of them, DualPipeV's rank PP + 1 (PP = stages); the
+    activations saved per micro-batch and the parameters are counted."""
+    m = two_procs[spec]["memory"]
+    assert m["in_flight"] == m["in_flight_planned"] > 0, m
+    for stage in m["stages"]:
+        assert stage["in_flight"] == stage["in_flight_planned"] > 0, stage
+        assert stage["activation_bytes_per_microbatch"] > 0 and stage["params"] == stage["params_local"] > 0
+    if spec.endswith("=1f1b"):
+        assert m["stages"][0]["in_flight"] == 2  # pp
+    if spec.endswith("=dualpipev"):
+        assert m["in_flight"] == 4 + 1 and m["stages"][1]["mirror_params"] == 64 * 64  # stages + 1; vocab x hidden
+
+
+@pytest.mark.parametrize("spec", TWO)
 def test_pipeline_step_equals_one_process(two_procs, spec):
     r = two_procs[spec]
     check_step(r)
