@@ -65,9 +65,11 @@ def attention_bias_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | N
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits at position i against labels at i + 1 (-100 is ignored).
-    logits [B, T, V] and labels [B, T] are aligned by position."""
-    logits, target = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+    logits [B, T, V] and labels [B, T] are aligned by position. The targets are shifted, not the logits:
+    the last position gets -100, so the logits are never sliced into a copy (forward) nor scattered back into
+    zeros (backward); on CPU at the bench shapes that is 25 -> 18 ms per step in float32 (docs/performance.md)."""
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
 
 
 class DeepseekV3Model(nn.Module):
