@@ -34,6 +34,8 @@ TINY5 = preset("tiny").replace(num_hidden_layers=5)
                                     r"micro-batch per pipeline rank"),
     (dict(pp=2, schedule="interleaved_1f1b", microbatches=5), 2, r"a multiple of pp=2 for interleaved_1f1b"),
     (dict(pp=2, schedule="gpipe"), 2, r"`parallel.schedule` = 'gpipe': must be 1f1b, interleaved_1f1b, zbv, dualpipev"),
+    (dict(schedule="zbv"), 1, r"apply to pipeline stages only: set parallel.pp > 1"),
+    (dict(microbatches=4, ep=2), 2, r"apply to pipeline stages only"),
     (dict(pp=2, schedule="dualpipev", ep=2), 4, None),
 ])
 def test_bad_pipeline_layouts_are_one_error(settings_, world, message):

@@ -107,6 +107,9 @@ class ParallelConfig:
         require(self.schedule in SCHEDULES, "parallel.schedule", self.schedule, ", ".join(SCHEDULES))
         require(isinstance(self.microbatches, int) and self.microbatches >= 0, "parallel.microbatches",
                 self.microbatches, "an integer >= 0 (0: the fewest the schedule needs)")
+        if self.pp == 1 and (self.microbatches or self.schedule != "1f1b"):
+            raise SettingError(f"parallel.schedule={self.schedule} / parallel.microbatches={self.microbatches} "
+                               "apply to pipeline stages only: set parallel.pp > 1 (or leave them unset)")
         if self.pp > 1 and self.microbatches:
             need = self.min_microbatches
             require(self.microbatches >= need, "parallel.microbatches", self.microbatches,

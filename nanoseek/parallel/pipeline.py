@@ -152,10 +152,12 @@ class StageModule(nn.Module):
         return torch.stack(losses).sum() if losses else None
 
     def record(self, lm, mtp, balance) -> None:
-        zero = torch.zeros((), dtype=torch.float64)
-        self.records.append(torch.stack([zero if v is None else v.detach().double().cpu() for v in (lm, mtp, balance)]
-                                        + [torch.tensor(float(mtp is not None), dtype=torch.float64),
-                                           torch.tensor(float(balance is not None), dtype=torch.float64)]))
+        """(lm, mtp, balance, has mtp, has balance), kept on the device: no host sync inside the schedule."""
+        device = next(v for v in (lm, mtp, balance, self.rotary.inv_freq) if v is not None).device
+        values = [v.detach().double() if v is not None else torch.zeros((), dtype=torch.float64, device=device)
+                  for v in (lm, mtp, balance)]
+        flags = torch.tensor([mtp is not None, balance is not None], dtype=torch.float64, device=device)
+        self.records.append(torch.cat([torch.stack(values), flags]))
 
 
 def prune(model: DeepseekV3ForCausalLM, layers: list[int], first: bool, last: bool) -> None:
@@ -280,12 +282,11 @@ class Pipeline:
         return self.reduce_records(mtp_weight)
 
     def reduce_records(self, mtp_weight: float) -> dict[str, float]:
-        totals = torch.zeros(5, dtype=torch.float64)
+        totals = torch.zeros(5, dtype=torch.float64, device=self.ctx.device)
         for chunk in self.chunks:
             for r in chunk.records:
-                totals += r
+                totals += r.to(totals.device)
             chunk.records.clear()
-        totals = totals.to(self.ctx.device)  # nccl reduces device tensors only
         dist.all_reduce(totals, group=self.group)
         n = self.cfg.n_microbatches
         lm, mtp, balance = (totals[:3] / n).tolist()
@@ -371,7 +372,7 @@ class Pipeline:
             chunk.mtp_weight = 0.0
             h = chunk(tokens if chunk.first else h, tokens)
             if chunk.last:  # the next-token loss alone (the output adds the balance losses in training mode)
-                h = chunk.records[-1][0].to(torch.float32)
+                h = chunk.records[-1][0].float()
             chunk.records.clear()
             nxt = self.stage_rank.get(s + 1)
             if nxt is not None and nxt != self.pp_rank:
