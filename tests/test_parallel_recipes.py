@@ -159,3 +159,30 @@ def test_grpo_layouts_are_checked_before_any_process_group(model_dir, monkeypatc
         run_grpo(cfg)
     import torch.distributed as dist
     assert not dist.is_initialized()
+
+
+def test_each_rank_rolls_out_its_own_prompts_with_its_own_seeds(monkeypatch):
+    """Ranks 0 and 1 of 2 split every rollout batch's prompts between them (disjoint; together the prompts
+    one process would draw) and sample with different seeds; rank 0 keeps the one-process seeds."""
+    from types import SimpleNamespace
+
+    import nanoseek.r1.grpo_batches as grpo_batches
+    from nanoseek.r1.configs import GRPOConfig
+    from nanoseek.r1.tasks import get_task
+
+    calls = []
+    monkeypatch.setattr(grpo_batches, "rollout", lambda model, tok, task, problems, seed, **kw:
+                        calls.append(([id(p) for p in problems], seed)))
+    task = get_task("arithmetic", n_train=10, n_test=2)
+    cfg = GRPOConfig(prompts_per_step=4, group_size=2)
+    trainer = SimpleNamespace(model=None)
+    sources = [grpo_batches.RolloutSource(cfg, trainer, None, task, ranks=SimpleNamespace(rank=r, size=n))
+               for r, n in ((0, 1), (0, 2), (1, 2))]
+    for rollouts in range(4):  # crosses an epoch (10 prompts)
+        calls.clear()
+        for s in sources:
+            s.rollouts = rollouts
+            s.sample_groups(0)
+        (whole, seed), (first, seed0), (second, seed1) = calls
+        assert first + second == whole and not set(first) & set(second) and len(first) == 2
+        assert seed0 == seed and seed1 != seed
