@@ -1,12 +1,15 @@
 """Decode throughput: nanoseek's latent-cache engine vs `transformers.generate`, same weights, same run.
 
-    python benchmarks/decode_throughput.py [--threads 1] [--repeats 5] [--train-steps 200] [--skip-mtp]
+    python benchmarks/decode_throughput.py [--threads 1] [--repeats 5] [--train-steps 200] [--skip-mtp] [--no-compile]
 
 Part 1 (the `bench` preset, random weights): greedy decoding of 128 new tokens after a 32-token prompt at
-batch 1 and batch 8, nanoseek (`nanoseek.inference.generate`) vs transformers (`AutoModelForCausalLM` loaded
-from the directory nanoseek saved; sdpa attention, each experts implementation transformers offers, the
-fastest one reported). Tokens/s counts new tokens over the whole call (prefill included), best of
-`--repeats` interleaved runs, so both see the same machine load. Outputs are checked to be identical.
+batch 1 and batch 8, nanoseek (`nanoseek.inference.generate`, eager and with `compile=True`) vs transformers
+(`AutoModelForCausalLM` loaded from the directory nanoseek saved; sdpa attention, each experts implementation
+transformers offers, the fastest one reported). Tokens/s counts new tokens over the whole call (prefill
+included), best of `--repeats` interleaved runs, so all see the same machine load; next to the wall-clock
+figure, the same from process CPU time (robust to other processes taking the cores). Outputs are checked
+to be identical. The compiled engine's compilation (first call per batch size) is timed apart and shown
+with the break-even: how many generated tokens it takes to earn it back against eager decoding.
 KV-cache bytes per token are measured from the tensors each cache holds. (transformers 5 caches the same
 latent per layer, keys = c [B, 1, T, r_kv] and values = k_pe [B, 1, T, d_r], but re-expands every past
 token through kv_b_proj at every step; a cache of per-head K/V would hold H * (d_qk + d_v) per layer.)
@@ -58,8 +61,17 @@ def hf_cache_bytes_per_token(hf, prompt: torch.Tensor) -> float:
     return total / prompt.numel()
 
 
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def part1(args) -> None:
     from transformers import AutoModelForCausalLM
+
+    from nanoseek.inference.compiled import decode_steps
 
     torch.manual_seed(0)
     cfg = preset("bench")
@@ -72,39 +84,60 @@ def part1(args) -> None:
                                                              experts_implementation=impl).eval()
     print(f"bench preset: {ours.num_parameters() / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
           f"float32, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    compiled = not args.no_compile and decode_steps(ours) is not None
+    engines = ["eager"] + (["compiled"] if compiled else [])
     rows = []
     for batch in (1, 8):
         prompt = torch.randint(3, cfg.vocab_size, (batch, PROMPT_LEN))
         ids = prompt.tolist()
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
 
-        def run_ours():
-            return generate(ours, ids, params, eos_token_id=[])
+        def run_ours(engine):
+            return generate(ours, ids, params, eos_token_id=[], compile=engine == "compiled")
 
         def run_hf(model):
             with torch.inference_mode():
                 return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                       max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
 
-        got = torch.tensor([r.token_ids for r in run_ours()])
-        times = {"nanoseek": float("inf"), **{impl: float("inf") for impl in hfs}}
+        outputs, compile_s = {}, 0.0
+        for engine in engines:
+            before = decode_steps(ours).compile_seconds if engine == "compiled" else 0.0
+            outputs[engine] = torch.tensor([r.token_ids for r in run_ours(engine)])
+            if engine == "compiled":
+                compile_s = decode_steps(ours).compile_seconds - before
         for impl, model in hfs.items():
-            ref = run_hf(model)[:, PROMPT_LEN:]
-            if not torch.equal(ref, got):
-                print(f"  WARNING: batch {batch}: transformers ({impl}) and nanoseek greedy outputs differ")
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
-            times["nanoseek"] = min(times["nanoseek"], best_time(run_ours, 1))
+            outputs[impl] = run_hf(model)[:, PROMPT_LEN:]
+        for name, out in outputs.items():
+            if not torch.equal(out, outputs["eager"]):
+                print(f"  WARNING: batch {batch}: {name} and nanoseek eager greedy outputs differ")
+        wall = {k: float("inf") for k in engines + list(hfs)}
+        cpu = dict(wall)
+        for _ in range(args.repeats):  # interleaved, so all see the same machine load
+            for engine in engines:
+                w, c = timed(lambda: run_ours(engine))
+                wall[engine], cpu[engine] = min(wall[engine], w), min(cpu[engine], c)
             for impl, model in hfs.items():
-                times[impl] = min(times[impl], best_time(lambda: run_hf(model), 1))
-        best_hf = min(hfs, key=lambda k: times[k])
-        ours_tps = batch * NEW_TOKENS / times["nanoseek"]
-        hf_tps = {impl: batch * NEW_TOKENS / times[impl] for impl in hfs}
-        rows.append((batch, ours_tps, hf_tps, best_hf))
-    print(f"\n{'batch':>5} {'nanoseek tok/s':>15} " + " ".join(f"{'hf[' + k + '] tok/s':>22}" for k in hfs)
-          + f" {'ratio vs best hf':>17}")
-    for batch, ours_tps, hf_tps, best_hf in rows:
-        print(f"{batch:>5} {ours_tps:>15.0f} " + " ".join(f"{hf_tps[k]:>22.0f}" for k in hfs)
-              + f" {ours_tps / hf_tps[best_hf]:>16.2f}x")
+                w, c = timed(lambda: run_hf(model))
+                wall[impl], cpu[impl] = min(wall[impl], w), min(cpu[impl], c)
+        rows.append((batch, wall, cpu, compile_s))
+    n_hf = list(hfs)
+    print(f"\nnew tokens/s (wall clock; process CPU time in brackets), {NEW_TOKENS} new tokens after {PROMPT_LEN}")
+    print(f"{'batch':>5} " + " ".join(f"{name:>22}" for name in engines + [f"hf[{k}]" for k in n_hf])
+          + "   ratio vs best hf: " + ", ".join(engines))
+    for batch, wall, cpu, compile_s in rows:
+        tps = lambda t: batch * NEW_TOKENS / t  # noqa: E731
+        best = min(n_hf, key=lambda k: wall[k])
+        best_cpu = min(n_hf, key=lambda k: cpu[k])
+        cells = [f"{tps(wall[k]):>10.0f} ({tps(cpu[k]):>8.0f})" for k in engines + n_hf]
+        ratios = [f"{wall[best] / wall[e]:.2f}x ({cpu[best_cpu] / cpu[e]:.2f}x)" for e in engines]
+        print(f"{batch:>5} " + " ".join(f"{c:>22}" for c in cells) + "   " + ", ".join(ratios))
+    if compiled:
+        for batch, wall, cpu, compile_s in rows:
+            saved = (wall["eager"] - wall["compiled"]) / (batch * NEW_TOKENS)
+            even = f"{compile_s / saved:,.0f} new tokens" if saved > 0 else "never (not faster)"
+            print(f"compile time, batch {batch}: {compile_s:.1f}s (first call; later calls of this shape reuse it); "
+                  f"it pays for itself after {even}")
     # cache footprint
     cache = LatentKVCache.for_model(ours, 1, 256)
     formula = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
@@ -243,6 +276,7 @@ def main() -> None:
     p.add_argument("--mtp-model", help="MTP part: use this trained model directory instead of training one")
     p.add_argument("--save-mtp-model", help="MTP part: save the trained model here (reuse with --mtp-model)")
     p.add_argument("--skip-mtp", action="store_true", help="only part 1")
+    p.add_argument("--no-compile", action="store_true", help="part 1 without the compiled engine")
     p.add_argument("--hf-experts", nargs="+", default=["grouped_mm", "batched_mm", "eager"],
                    help="transformers experts implementations to try")
     args = p.parse_args()

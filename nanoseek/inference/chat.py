@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, read_line: Callable[[str], str] | None = None)
         view = ReplyView(console, tokenizer, show_think=not args.no_think)
         try:
             for event in Generation(model, [prompt], params, eos_token_id=tokenizer.eos_id,
-                                    speculative=args.speculative):
+                                    speculative=args.speculative, compile=args.compile):
                 view.push(event.token_id)
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session
             console.print(" (interrupted)", style="dim", end="")

@@ -70,6 +70,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
     p.add_argument("--seed", type=int, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--speculative", action="store_true",
                    help="draft one token ahead with the model's MTP module, verify with the trunk")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with one compiled step (torch.compile; needs a C++ compiler on CPU): several times "
+                        "faster per token after a one-off compilation of tens of seconds, so worth it for long or "
+                        "many generations (docs/performance.md)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N], mps or auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is often fastest for small models, and "
@@ -174,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         chunk = prompts[start:start + args.batch_size]
         chunk_params = replace(params, seed=batch_seed(args.seed, start, len(chunk)))
         run = Generation(model, chunk, chunk_params, eos_token_id=tokenizer.eos_id, decode=tokenizer.decode,
-                         speculative=args.speculative)
+                         speculative=args.speculative, compile=args.compile)
         began = time.perf_counter()
         for event in run:
             if stream and event.token_id != tokenizer.eos_id:

@@ -15,7 +15,9 @@ target (filtered, temperature-scaled) distribution: on rejection y0 is drawn fro
 the standard speculative-sampling correction. Seeded sampled output differs from non-speculative
 sampling with the same seed (the random draws are used differently), but is reproducible.
 The MTP block keeps its own latents in one extra cache layer that shares the trunk's slots and mask.
-Trunk and MTP module run through the model's own forward (`model(..., cache=)`, `model.mtp_hidden`).
+Trunk and MTP module run through the model's own forward (`model(..., cache=)`, `model.mtp_hidden`), or,
+with `compile=True`, through the compiled static-shape steps of nanoseek.inference.compiled (finished
+rows then stay in the batch).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.inference.compiled import DecodeSteps, static_length
 from nanoseek.inference.requests import RequestRows, TokenEvent, Tracker, pad_left
 from nanoseek.inference.sampling import Sampler, SamplingParams
 from nanoseek.model.cache import LatentKVCache
@@ -57,7 +60,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], cache: LatentKVCache, sampl
             ) -> tuple[Drafts, list[int], list[float]]:
     """Prompts into the cache (trunk and MTP layer), the first token of each row and the first draft.
     Returns the drafts and, as lists, the first tokens and their log-probabilities."""
-    ids, valid = pad_left(prompts, 0, cache.kv.device)
+    ids, valid = pad_left(prompts, 0, model.model.embed_tokens.weight.device)
     out = model(ids, attention_mask=valid, cache=cache, return_hidden=True, logits_to_keep=1)
     first, logprob = sampler(out.logits[:, -1].float())
     h_mtp = model.mtp_hidden(1, out.hidden_states, torch.cat([ids[:, 1:], first[:, None]], dim=1), cache=cache)
@@ -81,16 +84,23 @@ def accept_drafts(sampler: Sampler, logits: torch.Tensor, drafts: Drafts) -> tup
 
 
 @torch.inference_mode()
-def verify(model, cache: LatentKVCache, sampler: Sampler, drafts: Drafts) -> tuple[Drafts, list, list, list]:
+def verify(model, cache: LatentKVCache, sampler: Sampler, drafts: Drafts, steps: DecodeSteps | None = None
+           ) -> tuple[Drafts, list, list, list]:
     """One speculative step for the whole batch. Returns the next drafts and, as lists,
-    accepted flags, (y0, y1) tokens and their log-probabilities."""
-    out = model(torch.stack([drafts.cur, drafts.draft], dim=1), cache=cache, return_hidden=True)
-    logits = out.logits.float()
+    accepted flags, (y0, y1) tokens and their log-probabilities. `steps`: compiled steps, None = eager."""
+    ids = torch.stack([drafts.cur, drafts.draft], dim=1)
+    if steps is None:
+        out = model(ids, cache=cache, return_hidden=True)
+        logits, hidden = out.logits, out.hidden_states
+    else:
+        logits, hidden = steps.verify(ids, cache)
+    logits = logits.float()
     accepted, y0, y1 = accept_drafts(sampler, logits, drafts)
     tokens = torch.stack([y0, y1], dim=1)
     logprobs = sampler.logprobs(logits).gather(-1, tokens[..., None]).squeeze(-1)
     cache.invalidate(~accepted, cache.step.start + 1)
-    h_mtp = model.mtp_hidden(1, out.hidden_states, tokens, cache=cache)
+    h_mtp = (model.mtp_hidden(1, hidden, tokens, cache=cache) if steps is None
+             else steps.mtp_hidden(hidden, tokens, cache))
     last = accepted.long()  # position of the last emitted token in this step
     draft, q = propose(model, sampler, h_mtp[torch.arange(len(last), device=last.device), last])
     nxt = Drafts(torch.where(accepted, y1, y0), draft, q)
@@ -98,21 +108,23 @@ def verify(model, cache: LatentKVCache, sampler: Sampler, drafts: Drafts) -> tup
 
 
 def stream_speculative(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                       tracker: Tracker) -> Iterator[TokenEvent]:
+                       tracker: Tracker, steps: DecodeSteps | None = None) -> Iterator[TokenEvent]:
     """`Generation(..., speculative=True)`. Each row's `Completion.drafted` /
-    `.accepted` count its verification steps and accepted drafts."""
+    `.accepted` count its verification steps and accepted drafts. `steps`: compiled steps, None = eager."""
     # Each step takes two slots and emits at least one token.
     max_len = max(len(p) for p in prompts) + 2 * max(tracker.limits) + 2
+    if steps is not None:
+        max_len = static_length(max_len)
     cache = LatentKVCache.for_model(model, len(prompts), max_len, extra_layers=1)
-    sampler = Sampler(params, len(prompts), cache.kv.device)
+    sampler = Sampler(params, len(prompts), cache.device)
     rows = RequestRows(len(prompts))
     drafts, first, logprobs = prefill(model, prompts, cache, sampler)
     for i, token, logprob in zip(rows.requests, first, logprobs):
         yield tracker.push(i, token, logprob)
     while tracker.unfinished:
-        if (kept := rows.compact(tracker, cache, sampler)) is not None:
+        if steps is None and (kept := rows.compact(tracker, cache, sampler)) is not None:
             drafts.keep(kept)
-        drafts, accepted, tokens, logprobs = verify(model, cache, sampler, drafts)
+        drafts, accepted, tokens, logprobs = verify(model, cache, sampler, drafts, steps)
         for i, ok, (y0, y1), (lp0, lp1) in zip(rows.requests, accepted, tokens, logprobs):
             if tracker.done(i):
                 continue

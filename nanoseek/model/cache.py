@@ -16,6 +16,10 @@ slot layout.
 A forward pass with a cache first reserves slots for its tokens (`begin_step`); the resulting `CacheStep`
 (first slot, positions, attention mask) is what every layer of that pass shares, and the MTP module's
 pass over the same tokens reuses it (`cache.step`).
+
+Static-shape steps (`begin_static_step`, for a compiled decode step): the step's slots are a tensor and
+its mask spans the whole preallocated cache, so every decode step has the same shapes and one compiled
+graph serves them all. Unreserved slots are masked like padding; the math is the same as a dynamic step.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class CacheStep:
     positions: torch.Tensor  # [batch, n] RoPE positions of the step's tokens
     mask: torch.Tensor  # additive [batch, 1 or n, start + n]: 0 = attend, -inf = not
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), computed once per step
+    # Static-shape step: long [n] slot indices of its tokens, and `mask` covers every slot of the cache
+    # ([batch, 1 or n, max_len]), so attention reads the whole cache and the shapes never change.
+    slots: torch.Tensor | None = None
 
     def rope_tables(self, rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,17 +51,31 @@ class CacheStep:
         return self.rope
 
 
-class LatentKVCache:
-    """Preallocated [layers, batch, max_len, kv_lora_rank + qk_rope_head_dim] cache plus validity.
+class CacheView:
+    """What one forward pass reads of a cache (`MLA.absorbed`): the reserved `step` and each layer's rows.
+    A compiled decode step builds one from plain tensors, so the cache's bookkeeping stays outside it."""
 
-    `layers` may exceed the model's depth: speculative decoding keeps the MTP block's latents in an
+    def __init__(self, kv_layers: list[torch.Tensor], step: CacheStep):
+        self.kv_layers, self.step = kv_layers, step
+
+    def layer(self, i: int) -> torch.Tensor:
+        return self.kv_layers[i]
+
+
+class LatentKVCache:
+    """Preallocated cache, per layer [batch, max_len, kv_lora_rank + qk_rope_head_dim], plus validity.
+
+    Each layer is its own tensor (not a view of one big one): a compiled step that writes a layer's slots
+    in place then updates just that tensor, where views of a shared base would make it copy the whole
+    cache every step. `layers` may exceed the model's depth: speculative decoding keeps the MTP block's latents in an
     extra layer that shares the same slots and mask.
     """
 
     def __init__(self, layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
-        self.kv = torch.zeros(layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.kv_layers = [torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+                          for _ in range(layers)]
         # Additive attention bias per key slot: 0 for a real token, -inf for padding / rejected / unused.
         self.bias = torch.full((batch, max_len), NEG_INF, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -71,11 +92,19 @@ class LatentKVCache:
     # ------------------------------------------------------------------ sizes
     @property
     def batch(self) -> int:
-        return self.kv.shape[1]
+        return self.bias.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.kv.shape[2]
+        return self.bias.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bias.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.bias.device
 
     @property
     def valid(self) -> torch.Tensor:
@@ -83,7 +112,7 @@ class LatentKVCache:
         return self.bias == 0
 
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return sum(kv.numel() * kv.element_size() for kv in self.kv_layers)
 
     def bytes_per_token(self) -> float:
         """Measured storage per cached token (all layers): (kv_lora_rank + rope_dim) * layers * dtype bytes."""
@@ -91,7 +120,7 @@ class LatentKVCache:
 
     def layer(self, i: int) -> torch.Tensor:
         """[batch, max_len, kv_lora_rank + rope_dim] view of layer i; `MLA.forward` writes into it."""
-        return self.kv[i]
+        return self.kv_layers[i]
 
     # ------------------------------------------------------------------ bookkeeping
     def begin_step(self, n: int, valid: torch.Tensor | None = None) -> CacheStep:
@@ -117,20 +146,37 @@ class LatentKVCache:
         self.step = CacheStep(start, positions, mask)
         return self.step
 
-    def _block_mask(self, start: int, end: int) -> torch.Tensor:
+    def begin_static_step(self, n: int) -> CacheStep:
+        """Like `begin_step` for `n` real tokens per row, as a static-shape step: slot indices as a tensor
+        and a mask over all `max_len` slots (future slots are still -inf), so the shapes of every such
+        step are the same and a compiled forward never sees a new one."""
+        start, end = self.slot, self.slot + n
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} slots needed, {self.max_len} allocated")
+        self.slot = end
+        slots = torch.arange(start, end, device=self.device)
+        positions = self.lengths[:, None] + slots - start
+        self.bias[:, start:end] = 0.0
+        self.lengths += n
+        mask = self.bias[:, None, :] if n == 1 else self._block_mask(start, end, self.max_len)
+        self.step = CacheStep(start, positions, mask, slots=slots)
+        return self.step
+
+    def _block_mask(self, start: int, end: int, width: int | None = None) -> torch.Tensor:
         """[batch, n, end] mask for a multi-token step: past valid slots, causal inside the new block,
-        and every query may see its own slot so padded queries stay finite (their outputs are unused)."""
+        and every query may see its own slot so padded queries stay finite (their outputs are unused).
+        `width` > end: the mask covers that many slots (static steps); the ones past `end` are unreserved."""
         n = end - start
-        mask = self.bias[:, None, :end].repeat(1, n, 1)
-        new = mask[:, :, start:]
+        mask = self.bias[:, None, :width or end].repeat(1, n, 1)
+        new = mask[:, :, start:end]
         new.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1), NEG_INF)
         new.diagonal(dim1=1, dim2=2).fill_(0.0)
         return mask
 
     def keep(self, rows: list[int]) -> None:
         """Drop every batch row not in `rows` (one copy of the cache; used when rows finish)."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.kv.device)
-        self.kv = self.kv.index_select(1, index)
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.kv_layers = [kv.index_select(0, index) for kv in self.kv_layers]
         self.bias = self.bias.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
         self.step = None  # per-row tensors of the last step no longer match the rows

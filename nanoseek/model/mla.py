@@ -96,7 +96,7 @@ class MLA(nn.Module):
     def absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
         """Same math as `naive`, over the latent cache, in fewer and larger ops: generation is bound by
         per-op overhead. Cache rows are [c | k_pe]; this call writes the new tokens' rows, then attends
-        with the step's additive mask [B, 1 or T, start + T]."""
+        with the step's additive mask [B, 1 or T, start + T] (a static step's: [B, 1 or T, max_len])."""
         B, T, _ = x.shape
         H, r, d_n = self.n_heads, self.kv_lora_rank, self.d_nope
         step, kv_all = cache.step, cache.layer(self.layer_idx)
@@ -109,12 +109,17 @@ class MLA(nn.Module):
         c, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.d_rope], dim=-1)
         # Query and key RoPE in one call: the shared key rides along as head H.
         pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(1)], dim=1), cos, sin, self.cfg.rope_interleave)
-        kv_all[:, step.start:S] = torch.cat([self.kv_a_layernorm(c), pe[:, H]], dim=-1)
+        new = torch.cat([self.kv_a_layernorm(c), pe[:, H]], dim=-1)
+        if step.slots is None:
+            kv_all[:, step.start:S] = new
+            kv = kv_all[:, :S]
+        else:  # static-shape step: write by slot index, attend over the whole cache (the mask spans it)
+            kv_all.index_copy_(1, step.slots, new)
+            kv = kv_all
         # kv_b_proj.weight viewed [H, d_n + d_v, r_kv]: W_UK = first d_n rows per head, W_UV = the rest.
         w_kv = self.kv_b_proj.weight.view(H, d_n + self.d_v, r)
         q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, d_n), w_kv[:, :d_n])  # q~ = q_nope W_UK
         q = torch.cat([q_lat.view(H, B, T, r).transpose(0, 1), pe[:, :H]], dim=-1)  # [B, H, T, r + d_r]
-        kv = kv_all[:, :S]
         mask = step.mask if T == 1 else step.mask.repeat(1, H, 1)  # [B, T, S] -> [B, H * T, S], head-major
         scores = torch.baddbmm(mask, q.reshape(B, H * T, r + self.d_rope), kv.transpose(1, 2), alpha=self.scale)
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)

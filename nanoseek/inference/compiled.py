@@ -1,0 +1,240 @@
+"""A compiled decode step: one `torch.compile` graph per batch size and cache length serves every step.
+
+Decoding a small model is bound by per-op overhead, not FLOPs: an eager step of the bench preset is
+~500 small kernels, each paying Python and dispatcher costs. Compiled, the norms, RoPE, router and
+attention glue fuse into a handful of generated kernels around the matmuls (inductor: C++ on CPU, Triton
+plus CUDA graphs on GPU).
+
+One graph must serve every step, so a step's shapes may not change as the cache fills:
+- the cache is preallocated at a bucketed length (`static_length`) and each step is a static-shape step
+  (`LatentKVCache.begin_static_step`): its slots are a tensor and its mask spans the whole cache, so
+  attention reads every slot and unreserved ones are masked out like padding;
+- the cache's bookkeeping (slot counter, positions, mask) runs eagerly before the graph; the graph
+  receives plain tensors and writes the new latents in place;
+- the routed experts (which experts a token uses is data, and eager CPU code runs them one by one for few
+  tokens): for the few token copies of a decode step, reductions over the chosen experts' weights that
+  inductor fuses (`gathered_experts`); for more, one opaque custom op computed as the eager MoE does;
+- finished rows are not dropped from the batch (a new batch size would be a new compilation).
+
+Prefill stays eager (its length differs per call). The compiled step computes the same function as the
+eager one; generated kernels may round differently in the last bits (e.g. a fused softmax sums in
+another order), which greedy tests check does not change tokens. Without a C++ compiler (CPU) or Triton
+(GPU) there is no inductor: `decode_steps` says so in one line and returns None (decode eagerly).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.errors import warn
+from nanoseek.model.cache import CacheStep, CacheView, LatentKVCache
+from nanoseek.model.moe import MoE, GroupedExperts, combine, dispatch
+
+__all__ = ["DecodeSteps", "decode_steps", "static_length", "compiler_problem"]
+
+
+def static_length(n: int) -> int:
+    """Cache length for `n` slots, rounded up so that few distinct lengths (and compilations) occur:
+    at least 256, then a multiple of 1/8 of the next power of two (at most 25% unused)."""
+    if n <= 256:
+        return 256
+    step = (1 << (n - 1).bit_length()) // 8
+    return -(-n // step) * step
+
+
+def compiler_problem(device: torch.device) -> str | None:
+    """Why inductor cannot compile for `device` here, or None: CPU kernels are C++ (needs a C++ compiler),
+    GPU kernels Triton (needs triton and a C compiler for its launcher)."""
+    if device.type == "cpu":
+        names = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+        return None if any(n and shutil.which(n) for n in names) else "no C++ compiler found (g++, clang++ or $CXX)"
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        return None if any(shutil.which(n) for n in ("cc", "gcc", "clang")) else "no C compiler found (cc, gcc, clang)"
+    return f"compiled decoding supports cpu and cuda, not {device.type}"
+
+
+# ---------------------------------------------------------------------------------------------- routed experts
+# The graph calls the experts through an int handle; the op looks the module up at run time.
+_EXPERTS: weakref.WeakValueDictionary[int, GroupedExperts] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("nanoseek::routed_experts", mutates_args=())
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, experts: int, few: bool) -> torch.Tensor:
+    """sum_k weights[:, k] * expert_{idx[:, k]}(x) for x [N, D]: the eager MoE's own local computation
+    (`GroupedExperts.per_expert` for few tokens on CPU, else dispatch -> grouped GEMM -> combine)."""
+    module = _EXPERTS[experts]
+    if few:
+        return module.per_expert(x, weights, idx)
+    rows, plan = dispatch(x, idx, module.down_proj.shape[0])
+    return combine(module(rows, plan.offsets), plan, weights)
+
+
+@routed_experts.register_fake
+def _(x, weights, idx, experts, few):
+    return torch.empty_like(x)
+
+
+def gathered_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up_proj: torch.Tensor,
+                     down_proj: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[:, k] * expert_{idx[:, k]}(x) for few tokens x [N, D], written as reductions over
+    expert weights indexed by `idx`: inductor fuses index, multiply and sum into a few loops that read
+    each chosen expert's rows in place (no gather copy, no per-expert matmul calls). It reads the
+    weights once per token copy, so it is for small N * K only."""
+    h = (x[:, None, None, :] * gate_up_proj[idx]).sum(-1)  # [N, K, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    o = ((F.silu(gate) * up)[:, :, None, :] * down_proj[idx]).sum(-1)  # [N, K, D]
+    return (weights.to(x.dtype)[:, :, None] * o).sum(1)
+
+
+class _StepExperts:
+    """The `MoE.expert_dispatcher` installed during a compiled step: few token copies (decoding) go
+    through `gathered_experts`, fused into the graph; more through the `routed_experts` op (the eager
+    MoE's own computation), so the graph has no data-dependent shapes or host reads either way."""
+
+    def __init__(self, moe: MoE):
+        self.moe, self.handle = moe, id(moe.experts)
+        _EXPERTS[self.handle] = moe.experts
+
+    def __call__(self, x, weights, idx, experts):
+        if experts.grouped_mm is None and idx.numel() <= 4 * self.moe.cfg.n_routed_experts:
+            return gathered_experts(x, weights, idx, experts.gate_up_proj, experts.down_proj), None
+        return torch.ops.nanoseek.routed_experts(x, weights, idx, self.handle, self.moe.few_tokens(x)), None
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+def _view(kv: list[torch.Tensor], mask: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> CacheView:
+    # start is unused by a static step (slots say where to write); a Python int here would be a guard.
+    return CacheView(kv, CacheStep(0, positions, mask, slots=slots))
+
+
+def trunk_step(model, ids: torch.Tensor, kv: list[torch.Tensor], mask: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's forward over a reserved static step: (logits [B, 1 or T, V], final hidden [B, T, D])."""
+    hidden = model.model(ids, cache=_view(kv, mask, positions, slots))
+    return model.lm_head(hidden[:, -1:] if last_only else hidden), hidden
+
+
+def mtp_step(model, hidden: torch.Tensor, next_ids: torch.Tensor, kv: list[torch.Tensor], mask: torch.Tensor,
+             positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """MTP module 1 over the same reserved step (speculative drafting): its hidden states [B, T, D]."""
+    return model.mtp_hidden(1, hidden, next_ids, cache=_view(kv, mask, positions, slots))
+
+
+_compiled: dict[str, object] = {}
+
+
+def _compile(fn, device: torch.device):
+    key = f"{fn.__name__}:{device.type}"
+    if key not in _compiled:
+        # CUDA graphs replay a whole step as one launch.
+        # CPU: inductor's default mode, plus its pass that turns one-row matmuls (batch-1 decoding) into
+        # reductions fused with their neighbours. Measured on the bench preset: max-autotune's C++ GEMMs
+        # were no faster than MKL here and compile several times longer.
+        if device.type == "cuda":
+            _compiled[key] = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
+        else:
+            _compiled[key] = torch.compile(fn, dynamic=False, fullgraph=True,
+                                           options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+    return _compiled[key]
+
+
+class DecodeSteps:
+    """Static-shape decode and verify steps of one model, compiled on first use of each shape.
+
+    `compile_seconds` accumulates the time of the calls that compiled (first call of each batch size,
+    step length and cache length), so a benchmark can report it apart from decoding."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)  # held in a WeakKeyDictionary keyed by the model
+        self.device = model.model.embed_tokens.weight.device
+        self.dispatchers = {moe: _StepExperts(moe) for moe in model.moe_layers() if moe.expert_dispatcher is None}
+        self.trunk = _compile(trunk_step, self.device)
+        self.mtp = _compile(mtp_step, self.device)
+        self.seen: set[tuple] = set()
+        self.compile_seconds = 0.0
+        self.failed = False
+
+    def _run(self, compiled, eager, key: tuple, *args):
+        """Call the compiled function with the step's expert dispatchers installed; on the first call of a shape,
+        time it as compilation, and if compiling fails, say so once and stay eager for this model."""
+        for moe, op in self.dispatchers.items():
+            moe.expert_dispatcher = op
+        try:
+            if self.failed:
+                return eager(*args)
+            if key in self.seen:
+                return compiled(*args)
+            start = time.perf_counter()
+            try:
+                out = compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, do not lose the step
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                warn(f"compiled decoding failed ({type(e).__name__}: {first[:200]}); decoding eagerly")
+                self.failed = True
+                return eager(*args)
+            self.compile_seconds += time.perf_counter() - start
+            self.seen.add(key)
+            return out
+        finally:
+            for moe in self.dispatchers:
+                moe.expert_dispatcher = None
+
+    @property
+    def model(self):
+        return self._model()
+
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        """CUDA graphs reuse their output buffers at the next replay: copy what the caller keeps."""
+        return t.clone() if self.device.type == "cuda" else t
+
+    def _static(self, cache: LatentKVCache, n: int) -> tuple:
+        if self.device.type == "cuda":  # CUDA graphs may only update buffers whose address never changes
+            for kv in cache.kv_layers:
+                torch._dynamo.mark_static_address(kv)
+        step = cache.begin_static_step(n)
+        return cache.kv_layers, step.mask, step.positions, step.slots
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        """`next_token_logits` for one token per row [B, 1]: the logits [B, V] after appending it."""
+        args = (self.model, ids, *self._static(cache, ids.shape[1]), True)
+        key = ("trunk", *ids.shape, cache.max_len, True)
+        return self._own(self._run(self.trunk, trunk_step, key, *args)[0][:, -1])
+
+    @torch.inference_mode()
+    def verify(self, ids: torch.Tensor, cache: LatentKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk over [B, T] tokens, every position's logits: (logits [B, T, V], hidden [B, T, D])."""
+        args = (self.model, ids, *self._static(cache, ids.shape[1]), False)
+        logits, hidden = self._run(self.trunk, trunk_step, ("trunk", *ids.shape, cache.max_len, False), *args)
+        return self._own(logits), self._own(hidden)
+
+    @torch.inference_mode()
+    def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        """`model.mtp_hidden(1, hidden, next_ids, cache=cache)` over the step `verify` reserved."""
+        step = cache.step
+        args = (self.model, hidden, next_ids, cache.kv_layers, step.mask, step.positions, step.slots)
+        return self._own(self._run(self.mtp, mtp_step, ("mtp", *next_ids.shape, cache.max_len), *args))
+
+
+_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_steps(model) -> DecodeSteps | None:
+    """The model's compiled decode steps (made once per model), or None after a one-line notice when
+    this machine cannot compile for the model's device."""
+    device = model.model.embed_tokens.weight.device
+    if (problem := compiler_problem(device)) is not None:
+        warn(f"compile: {problem}; decoding eagerly")
+        return None
+    if model not in _steps:
+        _steps[model] = DecodeSteps(model)
+    return _steps[model]
