@@ -6,7 +6,7 @@ memory held per stage, and a timeline of one step per schedule.
 
 For each schedule, `pp` processes (launched like torchrun) train the same model on the same batch; every rank
 times each compute action of its stages (forward F, full backward B, input backward I, weight backward W:
-nanoseek.parallel.pipeline.StageTracker) and each wait on a point-to-point transfer, over the last timed step.
+nanoseek.parallel.pipeline_trace.StageTracker) and each wait on a point-to-point transfer, over the last timed step.
 Idle time of a rank = the schedule's time (from the step's start, all ranks released by a barrier, to the end of
 its schedule.step) - its compute time: waiting on transfers (the bubble, plus the transfers themselves) and
 the schedule's own bookkeeping. Step time adds the gradient completion and AdamW. The formulas use F, B, W
@@ -205,7 +205,7 @@ def main() -> None:
         return worker(args)
     from parallel_launch import launch
 
-    from nanoseek.parallel.pipeline import memory_lines
+    from nanoseek.parallel.pipeline_trace import memory_lines
 
     print(f"model: tiny with {args.layers} blocks, 8 experts top-2; global batch {args.batch} x {args.seq_len} in "
           f"{args.microbatches} micro-batches; pp={args.pp}; {args.threads} thread(s) per process; device "

@@ -5,6 +5,7 @@
   expert_parallel.py  routed experts sharded over EP; dispatch/combine with all_to_all_single
   fsdp.py             FSDP2 per block and root, mixed precision, the global gradient norm
   pipeline.py         pipeline stages (torch.distributed.pipelining): 1f1b, interleaved_1f1b, zbv, dualpipev
+  pipeline_trace.py   what a pipeline step did: timed compute actions, micro-batches and activations held
   parallelize.py      all applied to a model; gradient completion and clipping after backward
   traffic.py          all-to-all bytes per rank, within and across (simulated) nodes
   dcp.py              torch.distributed.checkpoint save/load (atomic, reshardable) and HF export

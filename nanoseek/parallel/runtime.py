@@ -23,7 +23,8 @@ from nanoseek.parallel import dcp
 from nanoseek.parallel.config import ParallelConfig
 from nanoseek.parallel.mesh import ParallelContext, init_parallel, shutdown
 from nanoseek.parallel.parallelize import finish_gradients, parallelize, parallelize_pipeline
-from nanoseek.parallel.pipeline import Pipeline, memory_lines
+from nanoseek.parallel.pipeline import Pipeline
+from nanoseek.parallel.pipeline_trace import memory_lines
 from nanoseek.parallel.traffic import TrafficMeter
 
 
