@@ -268,9 +268,13 @@ def part_of(kinds: list[str], op: str, gemm: bool, sdpa: bool) -> str:
     return inner  # norms, MoE routing
 
 
-def step_parts(events, steps: int) -> list[dict[str, float]]:
-    """Seconds of profiled self time per part and step. Forward ops are booked by the module around them;
-    a backward op by the forward op that made its autograd node (the profiler's sequence numbers)."""
+ENGINE, OPTIMIZER = "autograd engine, Python between ops", "optimizer (AdamW, zero_grad)"
+PASSES = ("forward", "backward", "optimizer")
+
+
+def step_parts(events, steps: int) -> list[dict[tuple[str, str], float]]:
+    """Seconds of profiled self time per (pass, part) and step. Forward ops are booked by the module around
+    them; a backward op by the forward op that made its autograd node (the profiler's sequence numbers)."""
     forward = {}  # sequence number -> (depth, module kinds, under SDPA) of its outermost forward op
     info = {}
     for ev in events:
@@ -282,37 +286,33 @@ def step_parts(events, steps: int) -> list[dict[str, float]]:
         gemm = any(g in n for n in names for g in GEMM_OPS)
         sdpa = any("scaled_dot_product" in n for n in names)
         node = next((e for e in chain if e.name.startswith("autograd::engine::evaluate_function")), None)
-        info[id(ev)] = (kinds, phase, step, gemm, node)
+        info[id(ev)] = (kinds, phase, step, gemm, sdpa, node)
         if phase == "forward" and ev.sequence_nr is not None and ev.sequence_nr >= 0:
             if ev.sequence_nr not in forward or len(chain) < forward[ev.sequence_nr][0]:
                 forward[ev.sequence_nr] = (len(chain), kinds, sdpa)
-    totals = [dict.fromkeys(PARTS, 0.0) for _ in range(steps)]
+    totals = [{} for _ in range(steps)]
     for ev in events:
-        kinds, phase, step, gemm, node = info[id(ev)]
+        kinds, phase, step, gemm, sdpa, node = info[id(ev)]
         seconds = ev.self_cpu_time_total / 1e6
-        if step is None or seconds == 0 or ev.name.startswith("step::"):
+        if step is None or phase is None or seconds == 0:
             continue
         if phase == "optimizer":
-            part = "optimizer (AdamW, zero_grad)"
-        elif ev.name.startswith(("phase::", "part::")) and phase != "forward":
-            part = "autograd engine, Python between ops"
-        elif ev.name.startswith(("phase::", "part::")) or phase == "forward":
-            part = part_of(kinds, ev.name, gemm, False)
-            if ev.name.startswith(("phase::", "part::")):  # Python between the ops of a module
-                part = "autograd engine, Python between ops"
-            elif phase == "forward" and any("scaled_dot_product" in e.name for e in ancestors(ev)):
-                part = "attention core (SDPA)"
+            part = OPTIMIZER
+        elif ev.name.startswith(("phase::", "part::")):  # Python between the ops of a pass or a module
+            part = ENGINE
+        elif phase == "forward":
+            part = part_of(kinds, ev.name, gemm, sdpa)
         elif node is None or node.sequence_nr not in forward:
-            part = "autograd engine, Python between ops"
+            part = ENGINE
         else:
             _, fwd_kinds, fwd_sdpa = forward[node.sequence_nr]
             part = part_of(fwd_kinds, ev.name, gemm, fwd_sdpa)
-        totals[step][part] += seconds
+        totals[step][phase, part] = totals[step].get((phase, part), 0.0) + seconds
     return totals
 
 
-def profile_model(model, opt, batches, autocast_dtype, steps: int) -> tuple[dict[str, float], float]:
-    """Median share of a step per part, and the median CPU seconds per step (taken in the same run)."""
+def profile_model(model, opt, batches, autocast_dtype, steps: int) -> tuple[dict[tuple[str, str], float], float]:
+    """Median share of a step per (pass, part), and the median CPU seconds per step (taken in the same run)."""
     handles = label_modules(model)
     cpu = []
     with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -332,7 +332,8 @@ def profile_model(model, opt, batches, autocast_dtype, steps: int) -> tuple[dict
     for h in handles:
         h.remove()
     per_step = step_parts(prof.events(), steps)
-    shares = {p: statistics.median(t[p] / sum(t.values()) for t in per_step) for p in PARTS}
+    keys = [(ps, part) for ps in PASSES for part in PARTS]
+    shares = {k: statistics.median(t.get(k, 0.0) / sum(t.values()) for t in per_step) for k in keys}
     return shares, statistics.median(cpu)
 
 
@@ -343,17 +344,30 @@ def print_profile(models, batches, autocast_dtype, warmup: int, steps: int, flop
         for i in range(warmup):
             train_step(model, opt, batches[i % len(batches)], autocast_dtype)
         results[name] = profile_model(model, opt, batches, autocast_dtype, steps)
-    (ours, ours_s), (ref, ref_s) = results["nanoseek"], results["transformers"]
-    print(f"  CPU s/step (median of {steps}): nanoseek {ours_s:.3f}, transformers {ref_s:.3f}; "
-          f"step FLOPs {sum(flops.values()) / 1e9:.1f} G")
-    print("  | part | nanoseek ms | share | transformers ms | share | GFLOP | nanoseek GFLOP/s |")
+    print(f"  CPU s/step (median of {steps}): "
+          + ", ".join(f"{n} {results[n][1]:.3f}" for n in NAMES) + f"; step FLOPs {sum(flops.values()) / 1e9:.1f} G")
+
+    def ms(name, ps, part):
+        shares, seconds = results[name]
+        return 1000 * shares[ps, part] * seconds
+
+    for name in NAMES:
+        print(f"  {name}: forward {sum(ms(name, 'forward', p) for p in PARTS):.0f} ms, backward "
+              f"{sum(ms(name, 'backward', p) for p in PARTS):.0f} ms, optimizer "
+              f"{sum(ms(name, 'optimizer', p) for p in PARTS):.0f} ms")
+    print("  | part | nanoseek fwd / bwd ms | share | transformers fwd / bwd ms | share | GFLOP | nanoseek GFLOP/s |")
     print("  |---|---|---|---|---|---|---|")
     for part in PARTS:
-        ms, ref_ms = 1000 * ours[part] * ours_s, 1000 * ref[part] * ref_s
+        cells = []
+        for name in NAMES:
+            f, b, o = (ms(name, ps, part) for ps in PASSES)
+            share = 100 * sum(results[name][0][ps, part] for ps in PASSES)
+            cells.append(f"{o:.0f} (step)" if part == OPTIMIZER else f"{f:.0f} / {b:.0f}")
+            cells.append(f"{share:.1f}%")
+        total = sum(ms("nanoseek", ps, part) for ps in PASSES)
         gf = flops.get(part)
-        rate = f"{gf / 1e9 / (ms / 1000):.0f}" if gf and ms > 0 else ""
-        print(f"  | {part} | {ms:.0f} | {100 * ours[part]:.1f}% | {ref_ms:.0f} | {100 * ref[part]:.1f}% | "
-              f"{'' if gf is None else f'{gf / 1e9:.2f}'} | {rate} |")
+        rate = f"{gf / 1e9 / (total / 1000):.0f}" if gf and total > 0 else ""
+        print(f"  | {part} | " + " | ".join(cells) + f" | {'' if gf is None else f'{gf / 1e9:.2f}'} | {rate} |")
 
 
 def main() -> None:
