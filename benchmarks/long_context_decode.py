@@ -77,7 +77,11 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--steps", type=int, default=16, help="greedy tokens decoded per engine and context")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="reuse inductor's disk cache (default: an empty one, so compile times are a first run's)")
     args = p.parse_args()
+    if not args.warm_compile_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanoseek-inductor-")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")

@@ -137,8 +137,8 @@ def _compile(fn, device: torch.device):
     if key not in _compiled:
         # CUDA graphs replay a whole step as one launch.
         # CPU: inductor's default mode, plus its pass that turns one-row matmuls (batch-1 decoding) into
-        # reductions fused with their neighbours. Measured on the bench preset: max-autotune's C++ GEMMs
-        # were no faster than MKL here and compile several times longer.
+        # reductions fused with their neighbours. Measured on the bench preset, and not kept: max-autotune's
+        # C++ GEMMs (no faster than MKL here, compiles several times longer) and the C++ wrapper (no faster).
         if device.type == "cuda":
             _compiled[key] = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
         else:
