@@ -123,3 +123,16 @@ def test_no_compiler_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no C++ compiler" in err and "decoding eagerly" in err and len(err.strip().splitlines()) == 1
     assert [r.token_ids for r in got] == [r.token_ids for r in generate(model, prompts, params, eos_token_id=[])]
+
+
+@needs_compiler
+def test_generate_cli_compile_flag_gives_the_same_text(model_dir, capsys):
+    from nanoseek.cli import main
+
+    argv = ["generate", "--model", str(model_dir), "--prompt", "The quick", "--prompt", "brown fox",
+            "--prompt", "12 + 7", "--max-new-tokens", "10", "--quiet"]
+    assert main(argv) == 0
+    eager = capsys.readouterr().out
+    assert main(argv + ["--compile"]) == 0
+    got = capsys.readouterr()
+    assert got.out == eager and "warning" not in got.err
