@@ -162,3 +162,21 @@ def test_single_process_refuses_a_sharded_checkpoint(data_dir, torchrun_fsdp, tm
                                                    f"max_steps={STEPS + 2}"])
     with pytest.raises(UserError, match="written by a multi-process run: resume it with torchrun"):
         run_pretraining(cfg, resume=True)
+
+
+def test_resume_with_weights_that_never_had_a_gradient(data_dir, tmp_path):
+    """With the MTP loss weight at 0 the MTP module gets no gradient, so AdamW holds no state for it; the
+    sharded checkpoint must still load (torch creates state for every parameter before a load) and the
+    resumed run must equal the uninterrupted one bitwise."""
+    import shutil
+
+    out = tmp_path / "run"
+    run = args(data_dir, out, "mtp_lambda=0", "mtp_lambda_final=0", "max_steps=4", "save_every=2",
+               "eval_every=0")
+    ok(launch(run, 1, timeout=90))  # one process launched like torchrun: the sharded code path
+    uninterrupted = weights(out)
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    shutil.rmtree(out / "model")
+    ok(launch([*run, "--resume"], 1, timeout=90))
+    resumed = weights(out)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)

@@ -80,10 +80,32 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     """Every rank: read checkpoint `path` into the (already parallelized) model and optimizer, whatever
     the layout it was saved with."""
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    state = {"model": model_state, "optimizer": optim_state}
+    stateless = stateless_parameters(path, optim_state)
+    wanted = {k: v for k, v in optim_state.items() if parameter_of(k) not in stateless}
+    state = {"model": model_state, "optimizer": wanted}
     dcp.load(state, checkpoint_id=path / SHARDS)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=OPTIONS)
+    optim_state.update(state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state, options=OPTIONS)
+    by_name = dict(model.named_parameters())
+    for name in stateless:  # as in the run that saved it: AdamW creates their state at their first gradient
+        optimizer.state.pop(by_name[name], None)
+
+
+def parameter_of(key: str) -> str | None:
+    """'state.<parameter name>.<field>' -> the parameter name; None for other optimizer keys."""
+    return key[len("state."):].rsplit(".", 1)[0] if key.startswith("state.") else None
+
+
+def stateless_parameters(path: Path, optim_state: dict) -> set[str]:
+    """Parameters with no optimizer state at all in checkpoint `path`: those that had not received a gradient
+    when it was saved (e.g. modules a recipe never runs). AdamW creates state lazily, but torch's
+    `get_state_dict` creates it for every parameter before a load, so without this the load would ask the
+    checkpoint for keys it never had. A parameter with only some of its fields saved still fails the load."""
+    saved = {k.removeprefix("optimizer.") for k in dcp.FileSystemReader(str(path / SHARDS)).read_metadata()
+             .state_dict_metadata}
+    names = {parameter_of(k) for k in optim_state} - {None}
+    have = {parameter_of(k) for k in saved}
+    return names - have
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
