@@ -83,7 +83,7 @@ def round_trip(ctx) -> dict:
     path's, and the backward of the pair sends every gradient back to its row (identity Jacobian)."""
     from nanoseek.model.moe import dispatch
     from nanoseek.parallel.expert_parallel import ExpertParallel
-    from nanoseek.parallel.overlap import exchange_counts, start_all_to_all, wait_all_to_all
+    from nanoseek.parallel.overlap import start_all_to_all, wait_all_to_all
 
     g = torch.Generator().manual_seed(10 + ctx.rank)
     n, k, e, d = 12, 2, 8, 4
@@ -92,7 +92,7 @@ def round_trip(ctx) -> dict:
     ep = ExpertParallel(ctx.ep_group, e)
     rows, plan = dispatch(x, idx, e)
     rows.requires_grad_(True)
-    route = exchange_counts(ep, plan.counts)
+    route = ep.route(plan.counts)
     received, ex = start_all_to_all(rows, route.got, route.sent, ep.group)
     received = wait_all_to_all(received, ex).index_select(0, route.order)
     synchronous = ep.send(rows.detach(), plan.counts)

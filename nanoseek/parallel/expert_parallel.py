@@ -55,6 +55,17 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 @dataclass
+class Route:
+    """What the per-expert counts exchange tells a rank: how many rows it sends to / gets from each EP rank,
+    and how the rows it gets map onto its local experts."""
+
+    order: torch.Tensor  # received position (source-major) of each local-expert-sorted row
+    offsets: torch.Tensor  # [E_local] int32 cumulative rows per local expert (grouped_mm's `offs`)
+    sent: list[int]  # rows this rank sends to each EP rank
+    got: list[int]  # rows this rank receives from each EP rank
+
+
+@dataclass
 class Received:
     """Rows another rank's experts get from dispatch, and how to send their outputs back."""
 
@@ -88,18 +99,22 @@ class ExpertParallel:
         return tuple(p.to_local() if isinstance(p, DTensor) else p[lo:hi]
                      for p in (experts.gate_up_proj, experts.down_proj))
 
-    def send(self, rows: torch.Tensor, counts: torch.Tensor) -> Received:
-        """Rows [N*K, D] sorted by (global) expert with counts [E] -> the rows of this rank's experts."""
+    def route(self, counts: torch.Tensor) -> Route:
+        """Exchange the per-expert counts [E] of this rank's rows (sorted by global expert)."""
         incoming = torch.empty_like(counts)
         dist.all_to_all_single(incoming, counts.contiguous(), group=self.group)  # [source, local expert]
         incoming = incoming.view(self.ep, self.n_local)
-        sent = counts.view(self.ep, self.n_local).sum(1).tolist()
-        got = incoming.sum(1).tolist()
-        received = all_to_all(rows, got, sent, self.group)
-        local_expert = torch.arange(self.n_local, device=rows.device).repeat(self.ep)
+        local_expert = torch.arange(self.n_local, device=counts.device).repeat(self.ep)
         order = local_expert.repeat_interleave(incoming.reshape(-1)).argsort(stable=True)
         offsets = incoming.sum(0).cumsum(0).to(torch.int32)
-        return Received(received.index_select(0, order), offsets, order, sent, got)
+        return Route(order, offsets, sent=counts.view(self.ep, self.n_local).sum(1).tolist(),
+                     got=incoming.sum(1).tolist())
+
+    def send(self, rows: torch.Tensor, counts: torch.Tensor) -> Received:
+        """Rows [N*K, D] sorted by (global) expert with counts [E] -> the rows of this rank's experts."""
+        route = self.route(counts)
+        received = all_to_all(rows, route.got, route.sent, self.group)
+        return Received(received.index_select(0, route.order), route.offsets, route.order, route.sent, route.got)
 
     def send_back(self, out: torch.Tensor, batch: Received) -> torch.Tensor:
         """Expert outputs in `batch.rows` order -> this rank's rows, in the order `send` got them."""
@@ -117,7 +132,8 @@ class ExpertParallel:
         return combine(self.send_back(out, batch), plan, weights), plan.counts
 
 
-def apply_expert_parallel(model: nn.Module, ctx: ParallelContext, meter: TrafficMeter | None = None) -> set[nn.Parameter]:
+def apply_expert_parallel(model: nn.Module, ctx: ParallelContext,
+                          meter: TrafficMeter | None = None) -> set[nn.Parameter]:
     """Shard every MoE layer's routed experts over the EP group and install the dispatcher. Returns the
     expert parameters (FSDP2 must leave them alone)."""
     mesh = ctx.mesh["dp_shard", "ep"]

@@ -41,7 +41,7 @@ from nanoseek.errors import warn
 from nanoseek.model.block import Block
 from nanoseek.model.moe import Dispatch, MoE, combine, dispatch, expert_mlp
 from nanoseek.model.router import sequence_balance_loss
-from nanoseek.parallel.expert_parallel import ExpertParallel
+from nanoseek.parallel.expert_parallel import ExpertParallel, Route
 
 
 # ---------------------------------------------------------------------------------------------- async exchange
@@ -128,27 +128,6 @@ def wait_all_to_all(received: torch.Tensor, ex: Exchange) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- one half
 @dataclass
-class Route:
-    """Where this rank's rows go and how the rows it receives map onto its local experts (as
-    `ExpertParallel.send` computes them; see `nanoseek.parallel.expert_parallel.Received`)."""
-
-    order: torch.Tensor  # received position (source-major) of each local-expert-sorted row
-    offsets: torch.Tensor  # [E_local] int32 cumulative rows per local expert
-    sent: list[int]
-    got: list[int]
-
-
-def exchange_counts(ep: ExpertParallel, counts: torch.Tensor) -> Route:
-    incoming = torch.empty_like(counts)
-    dist.all_to_all_single(incoming, counts.contiguous(), group=ep.group)  # [source, local expert]
-    incoming = incoming.view(ep.ep, ep.n_local)
-    local_expert = torch.arange(ep.n_local, device=counts.device).repeat(ep.ep)
-    order = local_expert.repeat_interleave(incoming.reshape(-1)).argsort(stable=True)
-    return Route(order, incoming.sum(0).cumsum(0).to(torch.int32), counts.view(ep.ep, ep.n_local).sum(1).tolist(),
-                 incoming.sum(1).tolist())
-
-
-@dataclass
 class Half:
     """One half of the micro-batch on its way through the MoE block."""
 
@@ -224,7 +203,7 @@ class OverlappedMoEBlock:
         flat = x.reshape(-1, x.shape[-1])
         weights, idx, scores = moe.gate(flat)
         rows, plan = dispatch(flat, idx, ep.n_experts)
-        half = Half(name, h, flat, weights, idx, scores, plan, exchange_counts(ep, plan.counts))
+        half = Half(name, h, flat, weights, idx, scores, plan, ep.route(plan.counts))
         self.start(half, rows, half.route.got, half.route.sent, ep, "dispatch")
         if ep.meter is not None:
             ep.meter.record(idx, half.route.sent, flat.shape[1] * flat.element_size(), ep.me, ep.node_of,
