@@ -37,10 +37,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                  pretrain_steps=1000, model="tiny",
                  model_overrides={"vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 4,
                                   "intermediate_size": 256, "moe_intermediate_size": 64},
-                 grpo_steps=300, group_size=8, prompts_per_step=16, max_new_tokens=40,
+                 grpo_steps=200, group_size=8, prompts_per_step=16, max_new_tokens=40,
                  eval_every=25, n_test=200, eval_k=4,
-                 r1=dict(n_train=2000, cold_start_examples=200, cold_start_epochs=3, rl_steps=60,
-                         final_rl_steps=30, k=4, sft_epochs=2, student="tiny", distill_epochs=15)),
+                 # R1's rejection sampling and distillation draw from the first 1,000 training problems (k = 2:
+                 # a problem's correct samples are mostly the same trace, so more samples add few distinct ones)
+                 r1=dict(n_train=1000, cold_start_examples=200, cold_start_epochs=3, rl_steps=40,
+                         final_rl_steps=20, k=2, sft_epochs=2, student="tiny", distill_epochs=25, distill_lr=3e-3)),
     "quick": dict(n_task_docs=600, n_corpus_docs=300, vocab=320, seq_len=64, batch_size=8,
                   pretrain_steps=30, model="tiny", model_overrides={"vocab_size": 320},
                   grpo_steps=4, group_size=4, prompts_per_step=4, max_new_tokens=20,
@@ -220,7 +222,7 @@ def summary(results: dict) -> dict[str, float]:
     # thread) and the 1-minute load average when it ended
     stages = [r for name, r in results.items() if name != "r1"] + list(results["r1"].values())
     s["stages_seconds"] = sum(r["seconds"] for r in stages)
-    s["stages_cpu_seconds"] = sum(r.get("cpu_seconds", float("nan")) for r in stages)
+    s["stages_cpu_seconds"] = sum(r.get("cpu_seconds", 0.0) for r in stages)  # 0: cached by an older demo
     return s
 
 
@@ -248,8 +250,8 @@ def stage_times(results: dict) -> list[list]:
     """[stage, wall s, CPU s, load average at its end] for every stage, in run order."""
     rows = [(name, r) for name, r in results.items() if name != "r1"]
     rows += [(f"r1/{name}", r) for name, r in results["r1"].items()]
-    return [[name, round(r["seconds"], 1), round(r.get("cpu_seconds", float("nan")), 1),
-             round(r.get("load_average", float("nan")), 2)] for name, r in rows]
+    return [[name, round(r["seconds"], 1), round(r["cpu_seconds"], 1) if "cpu_seconds" in r else "not recorded",
+             round(r["load_average"], 2) if "load_average" in r else "not recorded"] for name, r in rows]
 
 
 def diagnostics(results: dict) -> dict[str, list[str]]:
@@ -282,7 +284,7 @@ def print_summary(s: dict, costs: list[dict], report: Path, diagnostics: dict[st
         t.add_row(k, v)
     console.print(t)
     m = Table(title="held-out test: R1-Zero, R1 and the distilled student side by side", caption=MODEL_NOTE)
-    for col in ("model", "params", "greedy acc", "pass@1", "length (tokens)", "format", "readable"):
+    for col in ("model", "params (all)", "greedy acc", "pass@1", "length (tokens)", "format", "readable"):
         m.add_column(col, justify="left" if col == "model" else "right")
     for prefix, label, _ in MODEL_ROWS:
         m.add_row(label, f"{s[prefix + '_params']:,.0f}", *[f"{s[f'{prefix}_{k}']:.1%}" for k in ("greedy", "pass1")],
@@ -304,7 +306,7 @@ def print_summary(s: dict, costs: list[dict], report: Path, diagnostics: dict[st
     console.print(c)
     if times:
         console.print("stage times (wall s / CPU s / load average at the end): " +
-                      ", ".join(f"{name} {wall:.0f}/{cpu:.0f}/{load:.1f}" for name, wall, cpu, load in times))
+                      ", ".join(f"{name} {wall:.0f}/{cpu}/{load}" for name, wall, cpu, load in times))
     console.print(f"report: [bold]{report}[/bold]")
 
 
@@ -346,7 +348,8 @@ def write_report(out: Path, results: dict, s: dict, costs: list[dict]) -> Path:
     models += [[f"R1 stage: {name}"] + [m[key] for _, key in METRICS]
                for name, m in results["r1"]["eval"]["models"].items() if name not in ("base", "final_rl", "distill")]
     side_by_side = f"<p>{R.html.escape(MODEL_NOTE)}</p>" + R.table(
-        ["model", "greedy accuracy", "pass@1", "mean response length", "format-valid", "readable", "params"], models)
+        ["model", "greedy accuracy", "pass@1", "mean response length", "format-valid", "readable",
+         "params (all, embeddings and MTP included)"], models)
     cost = R.table([""] + [r["name"] for r in costs],
                    [[label] + [fmt(r[key]) for r in costs] for label, key, fmt in COST_FIELDS])
     warnings = "".join(f"<p><b>WARNING: {R.html.escape(line)}</b></p>" for line in cut_short(s))
