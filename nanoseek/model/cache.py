@@ -67,8 +67,8 @@ class LatentKVCache:
 
     Each layer is its own tensor (not a view of one big one): a compiled step that writes a layer's slots
     in place then updates just that tensor, where views of a shared base would make it copy the whole
-    cache every step. `layers` may exceed the model's depth: speculative decoding keeps the MTP block's latents in an
-    extra layer that shares the same slots and mask.
+    cache every step. `layers` may exceed the model's depth: speculative decoding keeps the MTP block's
+    latents in an extra layer that shares the same slots and mask.
     """
 
     def __init__(self, layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
@@ -119,7 +119,7 @@ class LatentKVCache:
         return self.nbytes() / (self.batch * self.max_len)
 
     def layer(self, i: int) -> torch.Tensor:
-        """[batch, max_len, kv_lora_rank + rope_dim] view of layer i; `MLA.forward` writes into it."""
+        """Layer i's [batch, max_len, kv_lora_rank + rope_dim] tensor; `MLA.forward` writes into it."""
         return self.kv_layers[i]
 
     # ------------------------------------------------------------------ bookkeeping
