@@ -60,3 +60,24 @@ def launch(args: list[str], nprocs: int, timeout: float, kill_rank: int | None =
                 p.wait()
         for log in logs:
             log.close()
+
+
+def torchrun(args: list[str], nprocs: int, timeout: float = 120) -> str:
+    """`python -m torch.distributed.run --nproc-per-node nprocs <args>` (the real launcher) on 127.0.0.1;
+    returns its output after asserting it succeeded. A launch still running after `timeout` seconds is
+    killed with its whole process group and fails the test."""
+    import pytest
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout:.0f} s")
+    assert proc.returncode == 0, log[-3000:]
+    return log

@@ -7,18 +7,14 @@ Every launch runs CPU processes with gloo and one thread each under a hard deadl
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel_launch import ROOT, free_port, launch
+from parallel_launch import launch, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,18 +78,7 @@ def grpo_args(model_dir, out, *extra) -> list[str]:
 def test_torchrun_grpo_resumes_exactly_and_exports(model_dir, tmp_path):
     """4 steps under torchrun; the same run stopped at step 3 (inside a rollout batch: mu=2) and resumed."""
     straight = tmp_path / "straight"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), *grpo_args(model_dir, straight, "max_steps=4", "parallel.dp_shard=2")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun did not finish within 120 s")
-    assert proc.returncode == 0, log[-3000:]
+    log = torchrun(grpo_args(model_dir, straight, "max_steps=4", "parallel.dp_shard=2"), 2)
     assert log.count("done: step 4") == 1  # the summary comes from rank 0 only
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("reward" in r and "test_accuracy" in r for r in rows[1::2])

@@ -7,10 +7,7 @@ Every launch runs CPU processes with gloo and one thread each under a hard deadl
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from safetensors.torch import load_file
 from nanoseek.train.checkpoint import latest_checkpoint, list_checkpoints
 from nanoseek.train.config import PretrainConfig, load_train_config
 from nanoseek.train.pretrain import run_pretraining
-from parallel_launch import ROOT, free_port, launch
+from parallel_launch import launch, torchrun
 
 STEPS = 20
 SETTINGS = ["model=tiny", "model.vocab_size=320", "seq_len=32", "batch_size=4", f"max_steps={STEPS}", "lr=3e-3",
@@ -71,18 +68,7 @@ def one_process(data_dir, tmp_path_factory):
 def torchrun_fsdp(data_dir, tmp_path_factory):
     """`torchrun --nproc-per-node 2 -m nanoseek pretrain ... parallel.dp_shard=2`, uninterrupted."""
     out = tmp_path_factory.mktemp("torchrun")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), *args(data_dir, out, "parallel.dp_shard=2")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun did not finish within 120 s")
-    assert proc.returncode == 0, log[-3000:]
+    log = torchrun(args(data_dir, out, "parallel.dp_shard=2"), 2)
     assert log.count(f"done: step {STEPS}") == 1  # the summary comes from rank 0 only
     return out
 
