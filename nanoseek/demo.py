@@ -46,10 +46,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(n_task_docs=600, n_corpus_docs=300, vocab=320, seq_len=64, batch_size=8,
                   pretrain_steps=30, model="tiny", model_overrides={"vocab_size": 320},
                   grpo_steps=4, group_size=4, prompts_per_step=4, max_new_tokens=20,
-                  eval_every=2, n_test=24, eval_k=2,
-                  # a 30-step base knows nothing: the cold start memorizes 8 training problems (high lr, many
-                  # epochs) so that the later stages sample some correct traces to train on
-                  r1=dict(n_train=8, cold_start_examples=8, cold_start_epochs=40, sft_lr=1e-2, rl_steps=2,
+                  eval_every=2, n_test=16, eval_k=2,
+                  # a 30-step base knows nothing: the SFT stage memorizes the 8 cold-start problems (high lr, many
+                  # epochs) so that distillation samples some correct traces to train on
+                  r1=dict(n_train=8, cold_start_examples=8, cold_start_epochs=10, sft_lr=1e-2, rl_steps=2,
                           final_rl_steps=1, k=4, sft_epochs=40, student="tiny", distill_epochs=2)),
 }
 TASK = dict(task="arithmetic", task_options={"n_operands": 2, "max_value": 99, "ops": "+"}, task_seed=0,
