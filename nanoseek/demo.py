@@ -175,7 +175,7 @@ METRICS = [("greedy", "greedy_accuracy"), ("pass1", "pass_at_1"), ("length", "me
            ("format", "format_rate"), ("readable", "readable"), ("params", "params")]
 # Stages whose work is a planned number of steps: (results key, summary prefix, display name)
 STEP_STAGES = [(("pretrain",), "pretrain", "pretraining"), (("grpo",), "grpo", "GRPO"),
-               *[((("r1", name)), f"r1_{name}", f"R1 {name}")
+               *[(("r1", name), f"r1_{name}", f"R1 {name}")
                  for name in ("cold_start", "reasoning_rl", "sft", "final_rl", "distill")]]
 
 
@@ -240,9 +240,8 @@ def cut_short(s: dict) -> list[str]:
     from nanoseek.r1.pipeline import cut_short as stages_cut_short
 
     names = {prefix: name for _, prefix, name in STEP_STAGES}
-    stages = {names.get(key[:-len("_planned_steps")], key[:-len("_planned_steps")]):
-              {"steps": s[key[:-len("_planned_steps")] + "_steps"], "planned_steps": planned}
-              for key, planned in s.items() if key.endswith("_planned_steps")}
+    prefixes = [key.removesuffix("_planned_steps") for key in s if key.endswith("_planned_steps")]
+    stages = {names.get(p, p): {"steps": s[f"{p}_steps"], "planned_steps": s[f"{p}_planned_steps"]} for p in prefixes}
     return [f"{line}, so its results are not the demo's" for line in stages_cut_short(stages)]
 
 
