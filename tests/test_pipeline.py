@@ -82,7 +82,7 @@ def test_stages_split_blocks_and_sit_in_a_loop_or_a_v():
 # ---------------------------------------------------------------------------------------------- one step
 SCHEDULES = ["1f1b", "interleaved_1f1b", "zbv", "dualpipev"]
 TWO = [f"pp=2,schedule={s}" for s in SCHEDULES]
-FOUR = ["pp=2,ep=2,schedule=dualpipev", "pp=2,ep=2,overlap=1,schedule=1f1b"]  # overlap: parallel.overlap
+FOUR = [f"pp=2,ep=2,schedule={s}" for s in SCHEDULES] + ["pp=2,ep=2,overlap=1,schedule=1f1b"]  # overlap: parallel.overlap
 
 
 def run_specs(tmp_path_factory, nprocs, specs, timeout):
