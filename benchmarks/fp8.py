@@ -5,7 +5,7 @@
     python benchmarks/fp8.py speed   [--out DIR]   # (d) CPU step and GEMM time, FP8 vs BF16 vs FP32
     python benchmarks/fp8.py loss    [--out DIR] [--steps 400] [--preset tiny] [--runs bf16,fp8,...]
                                      [--work DIR] [--name loss]   # (a) FP8 vs BF16 training
-      runs: bf16, fp8, fp8_bf16_moments, bf16_bf16_moments, bf16_seed1, fp8_seed1, fp32; finished runs in
+      runs: bf16, fp8, fp8_bf16_moments, bf16_bf16_moments, fp32, each optionally + _seed<k>; finished runs in
       --work are read back, not repeated
 
 Everything runs on one CPU thread (set before torch starts its pool) with fixed seeds; each command
@@ -334,16 +334,22 @@ def loss_gap(steps: int, preset_name: str, work: Path, runs: list[str]) -> dict:
     settings = {"bf16": dict(fp8=False), "fp8": dict(fp8=True),
                 "fp8_bf16_moments": dict(fp8=True, adam_moments="bfloat16"),
                 "bf16_bf16_moments": dict(adam_moments="bfloat16"),
-                # run-to-run noise: the same BF16 run with another seed (init and data order)
-                "bf16_seed1": dict(seed=1), "fp8_seed1": dict(fp8=True, seed=1),
                 "fp32": dict(dtype="float32")}  # how far plain BF16 moves the loss, for scale
+
+    def run_settings(name: str) -> dict:
+        """`<arm>` or `<arm>_seed<k>`: the arm with another seed (init and data order), for run-to-run noise."""
+        arm, _, seed = name.partition("_seed")
+        if arm not in settings or (seed and not seed.isdigit()):
+            raise SystemExit(f"fp8.py loss: unknown run {name!r}: one of {sorted(settings)}, optionally + _seed<k>")
+        return {**settings[arm], "seed": int(seed or 0)}
+
     result: dict = {"steps": steps, "preset": preset_name, "runs": {}}
     for name in runs:
         out = work / f"run_{name}_{steps}"
         cfg = PretrainConfig(model=preset_name, model_overrides={"vocab_size": 512}, data=str(data), out_dir=str(out),
                              seq_len=128, batch_size=8, max_steps=steps, lr=3e-3, warmup_steps=max(1, steps // 20),
                              eval_every=max(1, steps // 10), eval_batches=4, save_every=0, sample_prompt="",
-                             tensorboard=False, **{"seed": 0, "dtype": "bfloat16", **settings[name]})
+                             tensorboard=False, **{"dtype": "bfloat16", **run_settings(name)})
         if not (out / "model").exists():  # finished runs are read back, not repeated
             run_pretraining(cfg)
         rows = read_metrics(out / "metrics.jsonl")
@@ -356,13 +362,19 @@ def loss_gap(steps: int, preset_name: str, work: Path, runs: list[str]) -> dict:
               f"(last {tail} steps), val {result['runs'][name]['val'][-1][1]:.4f}")
     runs = result["runs"]
     if "bf16" in runs:
-        for name, run in runs.items():  # a seed-1 run is compared with the BF16 run of its seed
-            base = runs["bf16_seed1"] if name.endswith("_seed1") and "bf16_seed1" in runs else runs["bf16"]
+        for name, run in runs.items():
+            base = runs[reference(name, runs)]
             run["gap_vs_bf16"] = (run["final_smoothed"] - base["final_smoothed"]) / base["final_smoothed"]
             run["val_gap_vs_bf16"] = (run["val"][-1][1] - base["val"][-1][1]) / base["val"][-1][1]
             print(f"{name}: gap vs bf16 (same seed) {100 * run['gap_vs_bf16']:+.3f}% (train, smoothed), "
                   f"{100 * run['val_gap_vs_bf16']:+.3f}% (val)")
     return result
+
+
+def reference(name: str, runs: dict) -> str:
+    """The BF16 run a run is compared with: the one of its seed (`bf16_seed<k>`) when present, else `bf16`."""
+    seed = name.partition("_seed")[2]
+    return f"bf16_seed{seed}" if seed and f"bf16_seed{seed}" in runs else "bf16"
 
 
 def plot_loss(result: dict, out: Path, tag: str = "loss") -> None:
@@ -377,7 +389,7 @@ def plot_loss(result: dict, out: Path, tag: str = "loss") -> None:
     runs = result["runs"]
     for name, run in runs.items():
         ax.plot(smooth(run["lm_loss"]), label=name)
-        ref = "bf16_seed1" if name.endswith("_seed1") and "bf16_seed1" in runs else "bf16"
+        ref = reference(name, runs)
         if base and name != ref:
             ratio = [a / b - 1 for a, b in zip(smooth(run["lm_loss"]), smooth(runs[ref]["lm_loss"]))]
             ax2.plot([100 * r for r in ratio], label=f"{name} vs {ref}", lw=1)
