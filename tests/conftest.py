@@ -41,3 +41,18 @@ def model_dir(tmp_path_factory):
     nanoseek.DeepseekV3ForCausalLM(preset("tiny")).save_pretrained(root / "model")
     train_tokenizer([corpus], 300, root / "model", progress=False)
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Token shards of the built-in synthetic corpus (400 documents) with a 300-token BPE tokenizer, for the
+    pretraining tests; read-only (a test that alters it copies it first)."""
+    from nanoseek.data import prepare, synthetic_corpus, write_corpus
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrain-data")
+    corpus = root / "corpus.jsonl"
+    write_corpus(synthetic_corpus(400, seed=0), corpus)
+    tok = train_tokenizer([corpus], 300, root / "tok", progress=False)
+    prepare([corpus], tok, root / "data", val_fraction=0.05, progress=False)
+    return root / "data"

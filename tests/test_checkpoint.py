@@ -22,7 +22,7 @@ from nanoseek.train.trainer_state import (
 )
 from nanoseek.train.metrics_log import read_metrics
 from nanoseek.train.pretrain import run_pretraining
-from tests.test_train import config, data_dir  # noqa: F401  (the shared tiny dataset fixture)
+from tests.test_train import config
 
 
 def rewrite_checksums(ckpt):

@@ -25,19 +25,6 @@ SETTINGS = ["model=tiny", "model.vocab_size=320", "seq_len=32", "batch_size=4", 
             "tensorboard=false", "bias_gamma=0.01", "parallel.timeout_s=30"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from nanoseek.data import prepare, synthetic_corpus, write_corpus
-    from nanoseek.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("ptdata")
-    corpus = root / "corpus.jsonl"
-    write_corpus(synthetic_corpus(400, seed=0), corpus)
-    tok = train_tokenizer([corpus], 300, root / "tok", progress=False)
-    prepare([corpus], tok, root / "data", val_fraction=0.05, progress=False)
-    return root / "data"
-
-
 def args(data_dir, out, *extra) -> list[str]:
     return ["-m", "nanoseek", "pretrain", *SETTINGS, f"data={data_dir}", f"out_dir={out}", *extra]
 

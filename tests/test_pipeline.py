@@ -148,19 +148,6 @@ SETTINGS = ["model=tiny", "model.vocab_size=320", "model.num_hidden_layers=4", "
 PIPELINE = ["parallel.pp=2", "parallel.schedule=1f1b"]  # first and last stage on two ranks: the mirror crosses
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from nanoseek.data import prepare, synthetic_corpus, write_corpus
-    from nanoseek.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("ppdata")
-    corpus = root / "corpus.jsonl"
-    write_corpus(synthetic_corpus(400, seed=0), corpus)
-    tok = train_tokenizer([corpus], 300, root / "tok", progress=False)
-    prepare([corpus], tok, root / "data", val_fraction=0.05, progress=False)
-    return root / "data"
-
-
 def rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

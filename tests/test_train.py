@@ -17,19 +17,6 @@ from nanoseek.train.metrics_log import read_metrics
 from nanoseek.train.pretrain import run_pretraining
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from nanoseek.data import prepare, synthetic_corpus, write_corpus
-    from nanoseek.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("pt")
-    corpus = root / "corpus.jsonl"
-    write_corpus(synthetic_corpus(400, seed=0), corpus)
-    tok = train_tokenizer([corpus], 300, root / "tok", progress=False)
-    prepare([corpus], tok, root / "data", val_fraction=0.05, progress=False)
-    return root / "data"
-
-
 def config(data_dir, out, **kw):
     base = dict(model="tiny", model_overrides={"vocab_size": 320}, data=str(data_dir), out_dir=str(out),
                 seq_len=32, batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2, eval_every=3, eval_batches=1,
