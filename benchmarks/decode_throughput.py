@@ -1,6 +1,7 @@
 """Decode throughput: nanoseek's latent-cache engine vs `transformers.generate`, same weights, same run.
 
     python benchmarks/decode_throughput.py [--threads 1] [--repeats 5] [--train-steps 200] [--skip-mtp] [--no-compile]
+                                           [--batches 1 8]
 
 Part 1 (the `bench` preset, random weights): greedy decoding of 128 new tokens after a 32-token prompt at
 batch 1 and batch 8, nanoseek (`nanoseek.inference.generate`, eager and with `compile=True`) vs transformers
@@ -87,7 +88,7 @@ def part1(args) -> None:
     compiled = not args.no_compile and decode_steps(ours) is not None
     engines = ["nanoseek"] + (["nanoseek+compile"] if compiled else [])
     rows = []
-    for batch in (1, 8):
+    for batch in args.batches:
         prompt = torch.randint(3, cfg.vocab_size, (batch, PROMPT_LEN))
         ids = prompt.tolist()
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
@@ -276,6 +277,7 @@ def main() -> None:
     p.add_argument("--mtp-model", help="MTP part: use this trained model directory instead of training one")
     p.add_argument("--save-mtp-model", help="MTP part: save the trained model here (reuse with --mtp-model)")
     p.add_argument("--skip-mtp", action="store_true", help="only part 1")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="part 1: batch sizes (default 1 8)")
     p.add_argument("--no-compile", action="store_true", help="part 1 without the compiled engine")
     p.add_argument("--warm-compile-cache", action="store_true",
                    help="reuse inductor's disk cache of compiled kernels (default: an empty one, so the compile "

@@ -1,9 +1,16 @@
-"""A compiled decode step: one `torch.compile` graph per batch size and cache length serves every step.
+"""A compiled decode step: one compiled graph per batch size and cache length serves every step.
 
 Decoding a small model is bound by per-op overhead, not FLOPs: an eager step of the bench preset is
 ~500 small kernels, each paying Python and dispatcher costs. Compiled, the norms, RoPE, router and
 attention glue fuse into a handful of generated kernels around the matmuls (inductor: C++ on CPU, Triton
 plus CUDA graphs on GPU).
+
+On CPU each step is exported (`torch.export`) and compiled ahead of time by AOTInductor into a shared
+library, so a step is one C++ call: `torch.compile`'s graph would leave a Python wrapper that launches
+each generated kernel and a guard check before every call, together ~15% of a batch-8 step of the bench
+preset. The model's weights are inputs of the exported step, not constants: it reads the model's current
+tensors at every call, as the eager forward does (nothing is copied; an optimizer step or a
+`load_state_dict` is seen). On CUDA a step is `torch.compile`d with CUDA graphs (one replay per step).
 
 One graph must serve every step, so a step's shapes may not change as the cache fills:
 - the cache is preallocated at a bucketed length (`static_length`) and each step is a static-shape step
@@ -27,11 +34,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 import time
 import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nanoseek.errors import warn
 from nanoseek.model.cache import CacheStep, CacheView, LatentKVCache
@@ -133,18 +142,63 @@ _compiled: dict[str, object] = {}
 
 
 def _compile(fn, device: torch.device):
+    """`torch.compile` of a step function for CUDA: CUDA graphs replay a whole step as one launch."""
     key = f"{fn.__name__}:{device.type}"
     if key not in _compiled:
-        # CUDA graphs replay a whole step as one launch.
-        # CPU: inductor's default mode, plus its pass that turns one-row matmuls (batch-1 decoding) into
-        # reductions fused with their neighbours. Measured on the bench preset, and not kept: max-autotune's
-        # C++ GEMMs (no faster than MKL here, compiles several times longer) and the C++ wrapper (no faster).
-        if device.type == "cuda":
-            _compiled[key] = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
-        else:
-            _compiled[key] = torch.compile(fn, dynamic=False, fullgraph=True,
-                                           options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+        _compiled[key] = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
     return _compiled[key]
+
+
+class _Step(nn.Module):
+    """`fn(model, *tensors, *static)` as a module (the model a submodule), so that
+    `torch.func.functional_call` can run it with other weights: those the exported step receives."""
+
+    def __init__(self, fn, model, static: tuple):
+        super().__init__()
+        self.fn, self.model, self.static = fn, model, static
+
+    def forward(self, *tensors):
+        return self.fn(self.model, *tensors, *self.static)
+
+
+class _WeightsAsInputs(nn.Module):
+    """What `torch.export` traces: the step with the model's weights as its first input, a dict by name."""
+
+    def __init__(self, step: _Step):
+        super().__init__()
+        self.__dict__["step"] = step  # not a submodule: its weights must not become the export's own
+
+    def forward(self, weights: dict[str, torch.Tensor], *tensors):
+        return torch.func.functional_call(self.step, weights, tensors)
+
+
+class _Packaged:
+    """One step for one set of shapes, exported and compiled ahead of time by AOTInductor (CPU).
+
+    Measured on the bench preset and not kept: max-autotune's C++ GEMMs (no faster than MKL here, compiles
+    several times longer); kept: inductor's pass that turns one-row matmuls (batch-1 decoding) into
+    reductions fused with their neighbours."""
+
+    OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
+    def __init__(self, fn, model, tensors: tuple, static: tuple):
+        step = _Step(fn, model, static)
+        # Weights by name, each read from its owning module at every call: a replaced tensor is seen.
+        # named_parameters drops tied duplicates; functional_call fills them in from their twin.
+        self.owners = [(name, step.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+                       for name, _ in [*step.named_parameters(), *step.named_buffers()]]
+        with torch.no_grad():
+            program = torch.export.export(_WeightsAsInputs(step), (self.weights(), *tensors), strict=False)
+        with tempfile.TemporaryDirectory(prefix="nanoseek-step-") as tmp:  # loading copies the library out
+            path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(tmp, "step.pt2"),
+                                                            inductor_configs=self.OPTIONS)
+            self.run = torch._inductor.aoti_load_package(path)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(owner, attr) for name, owner, attr in self.owners}
+
+    def __call__(self, tensors: tuple):
+        return self.run(self.weights(), *tensors)
 
 
 class DecodeSteps:
@@ -157,32 +211,39 @@ class DecodeSteps:
         self._model = weakref.ref(model)  # held in a WeakKeyDictionary keyed by the model
         self.device = model.model.embed_tokens.weight.device
         self.dispatchers = {moe: _StepExperts(moe) for moe in model.moe_layers() if moe.expert_dispatcher is None}
-        self.trunk = _compile(trunk_step, self.device)
-        self.mtp = _compile(mtp_step, self.device)
-        self.seen: set[tuple] = set()
+        self.graphs: dict[tuple, object] = {}  # step key -> its compiled form
         self.compile_seconds = 0.0
         self.failed = False
 
-    def _run(self, compiled, eager, key: tuple, *args):
-        """Call the compiled function with the step's expert dispatchers installed; on the first call of a shape,
-        time it as compilation, and if compiling fails, say so once and stay eager for this model."""
+    def _build(self, fn, tensors: tuple, static: tuple):
+        """The compiled form of `fn` for these shapes, called as `compiled(tensors)`."""
+        if self.device.type == "cpu":
+            return _Packaged(fn, self.model, tensors, static)
+        graph = _compile(fn, self.device)
+        return lambda tensors: graph(self.model, *tensors, *static)
+
+    def _run(self, fn, key: tuple, tensors: tuple, static: tuple = ()):
+        """`fn(model, *tensors, *static)` compiled, with the step's expert dispatchers installed; on the first
+        call of a shape, time it as compilation, and if compiling fails, say so once and stay eager for this
+        model."""
         for moe, op in self.dispatchers.items():
             moe.expert_dispatcher = op
         try:
             if self.failed:
-                return eager(*args)
-            if key in self.seen:
-                return compiled(*args)
+                return fn(self.model, *tensors, *static)
+            if key in self.graphs:
+                return self.graphs[key](tensors)
             start = time.perf_counter()
             try:
-                out = compiled(*args)
+                compiled = self._build(fn, tensors, static)
+                out = compiled(tensors)
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, do not lose the step
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 warn(f"compiled decoding failed ({type(e).__name__}: {first[:200]}); decoding eagerly")
                 self.failed = True
-                return eager(*args)
+                return fn(self.model, *tensors, *static)
             self.compile_seconds += time.perf_counter() - start
-            self.seen.add(key)
+            self.graphs[key] = compiled
             return out
         finally:
             for moe in self.dispatchers:
@@ -201,28 +262,31 @@ class DecodeSteps:
             for kv in cache.kv_layers:
                 torch._dynamo.mark_static_address(kv)
         step = cache.begin_static_step(n)
-        return cache.kv_layers, step.mask, step.positions, step.slots
+        return list(cache.kv_layers), step.mask, step.positions, step.slots
+
+    def _key(self, name: str, x: torch.Tensor, cache: LatentKVCache, *static) -> tuple:
+        return (name, *x.shape, x.dtype, cache.max_len, cache.dtype, len(cache.kv_layers), *static)
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
         """`next_token_logits` for one token per row [B, 1]: the logits [B, V] after appending it."""
-        args = (self.model, ids, *self._static(cache, ids.shape[1]), True)
-        key = ("trunk", *ids.shape, cache.max_len, True)
-        return self._own(self._run(self.trunk, trunk_step, key, *args)[0][:, -1])
+        tensors = (ids, *self._static(cache, ids.shape[1]))
+        logits, _ = self._run(trunk_step, self._key("trunk", ids, cache, True), tensors, (True,))
+        return self._own(logits[:, -1])
 
     @torch.inference_mode()
     def verify(self, ids: torch.Tensor, cache: LatentKVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The trunk over [B, T] tokens, every position's logits: (logits [B, T, V], hidden [B, T, D])."""
-        args = (self.model, ids, *self._static(cache, ids.shape[1]), False)
-        logits, hidden = self._run(self.trunk, trunk_step, ("trunk", *ids.shape, cache.max_len, False), *args)
+        tensors = (ids, *self._static(cache, ids.shape[1]))
+        logits, hidden = self._run(trunk_step, self._key("trunk", ids, cache, False), tensors, (False,))
         return self._own(logits), self._own(hidden)
 
     @torch.inference_mode()
     def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
         """`model.mtp_hidden(1, hidden, next_ids, cache=cache)` over the step `verify` reserved."""
         step = cache.step
-        args = (self.model, hidden, next_ids, cache.kv_layers, step.mask, step.positions, step.slots)
-        return self._own(self._run(self.mtp, mtp_step, ("mtp", *next_ids.shape, cache.max_len), *args))
+        tensors = (hidden, next_ids, list(cache.kv_layers), step.mask, step.positions, step.slots)
+        return self._own(self._run(mtp_step, self._key("mtp", next_ids, cache), tensors))
 
 
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
