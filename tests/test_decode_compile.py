@@ -23,8 +23,9 @@ def decode(ids):  # a toy detokenizer for stop strings: token t -> one letter
 
 
 def test_static_length_buckets():
-    assert [static_length(n) for n in (1, 160, 256, 257, 300, 4128, 16416)] == [256, 256, 256, 320, 320, 5120, 20480]
-    assert all(static_length(n) >= n and static_length(n) <= 1.25 * n + 256 for n in range(1, 5000, 7))
+    assert [static_length(n) for n in (1, 128, 129, 160, 256, 257, 300, 4128, 16416)] == \
+           [128, 128, 160, 160, 256, 320, 320, 5120, 20480]
+    assert all(static_length(n) >= n and static_length(n) <= 1.25 * n + 128 for n in range(1, 5000, 7))
 
 
 def test_static_step_matches_the_dynamic_step():
