@@ -52,7 +52,7 @@ def worker(args) -> None:
     runtime = None
     if cfg.enabled:
         cfg.validate(model.config, device_type=device.type)
-        runtime = ParallelRuntime.start(cfg, device)
+        runtime = ParallelRuntime.for_run(cfg, device)
         device = runtime.device
         runtime.parallelize(model)
     dp, dp_rank = (runtime.dp_size, runtime.dp_rank) if runtime else (1, 0)

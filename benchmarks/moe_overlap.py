@@ -112,7 +112,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(model_config(args))
     cfg.validate(model.config)
-    runtime = ParallelRuntime.start(cfg, torch.device("cpu"))
+    runtime = ParallelRuntime.for_run(cfg, torch.device("cpu"))
     runtime.parallelize(model)
     from nanoseek.parallel.overlap import OverlappedMoEBlock
 

@@ -61,7 +61,7 @@ def worker(args) -> None:
     model = DeepseekV3ForCausalLM(model_config(args)).to(device)
     cfg.validate(model.config, device_type=device.type)
     cfg.validate_batch(args.batch)
-    runtime = ParallelRuntime.start(cfg, device)
+    runtime = ParallelRuntime.for_run(cfg, device)
     device = runtime.device
     runtime.parallelize(model)
     pipe = runtime.pipeline

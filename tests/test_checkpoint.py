@@ -1,15 +1,20 @@
-"""Checkpoints: no code execution on --resume, format versions, full disk, divergence never checkpointed."""
+"""Checkpoints: no code execution on --resume (trainer state and DCP files), format versions, full disk,
+divergence never checkpointed, checkpoints of earlier single-process versions still resume."""
 
 import json
 import math
 import pickle
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from nanoseek.errors import UserError
+from nanoseek.parallel.dcp import read_model_tensors
 from nanoseek.files import file_sha256
 from nanoseek.train.checkpoint import CHECKSUMS, latest_checkpoint, list_checkpoints
 from nanoseek.train.trainer_state import (
@@ -27,7 +32,8 @@ from tests.test_train import config
 
 def rewrite_checksums(ckpt):
     """What an attacker (or a well-meaning script) does after editing a checkpoint."""
-    sums = {f.name: file_sha256(f) for f in sorted(ckpt.iterdir()) if f.name != CHECKSUMS}
+    sums = {str(f.relative_to(ckpt)): file_sha256(f) for f in sorted(ckpt.rglob("*"))
+            if f.is_file() and f.name != CHECKSUMS}
     (ckpt / CHECKSUMS).write_text(json.dumps(sums))
 
 
@@ -93,6 +99,74 @@ def test_crafted_pickle_does_not_execute(data_dir, tmp_path):
     assert not marker.exists()
 
 
+def test_crafted_dcp_metadata_does_not_execute(data_dir, tmp_path):
+    """torch's own DCP reader unpickles dcp/.metadata in full; ours refuses anything but checkpoint metadata."""
+    out = tmp_path / "run"
+    run_pretraining(config(data_dir, out, max_steps=3))
+    ckpt = list_checkpoints(out / "checkpoints")[-1]
+    marker = tmp_path / "pwned"
+    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Exploit(marker)))
+    rewrite_checksums(ckpt)
+    with pytest.raises(UserError, match=r"refusing to load it, it holds more than checkpoint data \(io.open is not"):
+        run_pretraining(config(data_dir, out, max_steps=6), resume=True)
+    assert not marker.exists()
+    with pytest.raises(UserError, match="refusing to load it"):
+        read_model_tensors(ckpt)
+    assert not marker.exists()
+
+
+def test_crafted_dcp_value_does_not_execute(tmp_path):
+    """Non-tensor values (an optimizer's lr) are pickles in DCP; a value holding code is refused unrun."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from nanoseek.parallel.dcp_safe import SafeLoadPlanner, UnsafeCheckpointError
+
+    planner = SafeLoadPlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+    item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex("lr"), dest_offsets=torch.Size([0]),
+                    storage_index=MetadataIndex("lr"), storage_offsets=torch.Size([0]), lengths=torch.Size([0]))
+    plain = io.BytesIO()
+    torch.save(0.001, plain)
+    plain.seek(0)
+    planner.load_bytes(item, plain)
+    assert planner.state_dict == {"lr": 0.001}
+    marker = tmp_path / "pwned"
+    crafted = io.BytesIO()
+    torch.save(Exploit(marker), crafted)
+    crafted.seek(0)
+    with pytest.raises(UnsafeCheckpointError, match="lr: Weights only load failed"):
+        planner.load_bytes(item, crafted)
+    assert not marker.exists()
+
+
+def test_single_process_checkpoint_of_earlier_versions_resumes(data_dir, tmp_path):
+    """Before one process took the mesh path, its checkpoints held the model in HF format and the optimizer in
+    the trainer state: such a checkpoint resumes and continues exactly like the DCP checkpoint of the same step."""
+    from nanoseek.hf import save_pretrained
+    from nanoseek.parallel.dcp import read_model_tensors
+    from nanoseek.train.trainer_state import write_trainer_state
+
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    reference = run_pretraining(config(data_dir, straight, max_steps=6))
+    trainer = run_pretraining(config(data_dir, out, max_steps=3))
+    ckpt = list_checkpoints(out / "checkpoints")[-1]
+    state = load_trainer_state(ckpt)
+    state["optimizer"] = trainer.optimizer.state_dict()  # the state of step 3: the run ended there
+    for f in list(ckpt.iterdir()):  # rewrite it in the old layout
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    save_pretrained(trainer.model, ckpt)
+    write_trainer_state(ckpt, state)
+    rewrite_checksums(ckpt)
+    resumed = run_pretraining(config(data_dir, out, max_steps=6), resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in list(reference.history)[3:]]
+    new = read_model_tensors(list_checkpoints(out / "checkpoints")[-1])
+    old = read_model_tensors(list_checkpoints(straight / "checkpoints")[-1])
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+
+
 def test_other_format_version_is_one_error(data_dir, tmp_path):
     out = tmp_path / "run"
     run_pretraining(config(data_dir, out, max_steps=3))
@@ -109,34 +183,35 @@ def test_other_format_version_is_one_error(data_dir, tmp_path):
         load_trainer_state(ckpt)
 
 
-@pytest.mark.parametrize("target", ["nanoseek.train.trainer_state.save_file", "nanoseek.train.checkpoint.save_pretrained"])
-def test_full_disk_runtime_error_during_checkpoint(data_dir, tmp_path, monkeypatch, target):
-    """torch / safetensors report ENOSPC as RuntimeError: still one clear error, nothing partial left."""
+@pytest.mark.parametrize("target", ["nanoseek.train.trainer_state.save_file",
+                                    "torch.distributed.checkpoint.filesystem.FileSystemWriter.write_data"])
+def test_full_disk_during_checkpoint(data_dir, tmp_path, monkeypatch, target):
+    """A full disk while DCP writes the shards (OSError) or the trainer state is written (safetensors reports
+    ENOSPC as a RuntimeError): one clear error, nothing partial left, the previous checkpoint intact."""
 
     out = tmp_path / "run"
     run_pretraining(config(data_dir, out, max_steps=3))
     good = list_checkpoints(out / "checkpoints")[-1]
-    good_files = {f.name: f.read_bytes() for f in good.iterdir()}
+    good_files = {f: f.read_bytes() for f in good.rglob("*") if f.is_file()}
 
     def disk_full(*args, **kwargs):
-        raise RuntimeError("No space left on device (os error 28)")
+        if "safetensors" in target or "trainer_state" in target:
+            raise RuntimeError("No space left on device (os error 28)")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(target, disk_full)
     with pytest.raises(UserError, match="could not write checkpoint step_00000006 .*No space left.*intact"):
         run_pretraining(config(data_dir, out, max_steps=6), resume=True)
     assert [p.name for p in (out / "checkpoints").iterdir()] == [good.name]  # no .step_*.tmp left
-    assert {f.name: f.read_bytes() for f in good.iterdir()} == good_files
+    assert {f: f.read_bytes() for f in good.rglob("*") if f.is_file()} == good_files
     monkeypatch.undo()  # space is back
     trainer = run_pretraining(config(data_dir, out, max_steps=6), resume=True)
     assert trainer.history[0]["step"] == 4 and trainer.step == 6
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
-def _all_finite(path) -> bool:
-    from safetensors.torch import load_file
-
-    return all(bool(torch.isfinite(t).all()) for t in load_file(path / "model.safetensors").values()
-               if t.is_floating_point())
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
 
 
 def test_divergence_stops_without_writing_nonfinite_weights(data_dir, tmp_path):
@@ -145,7 +220,7 @@ def test_divergence_stops_without_writing_nonfinite_weights(data_dir, tmp_path):
     with pytest.raises(UserError, match="training diverged: non-finite loss or gradients at 3 consecutive steps"):
         run_pretraining(cfg)
     ckpts = list_checkpoints(out / "checkpoints")
-    assert ckpts and all(_all_finite(p) for p in ckpts)
+    assert ckpts and all(_all_finite(read_model_tensors(p)) for p in ckpts)
     assert not (out / "model").exists()  # no final model from a diverged run
     rows = read_metrics(out / "metrics.jsonl")
     skipped = [r["step"] for r in rows if r["skipped"]]
@@ -164,7 +239,7 @@ def test_divergence_skip_mode_finishes_with_finite_weights(data_dir, tmp_path, c
     trainer = run_pretraining(cfg)
     rows = read_metrics(out / "metrics.jsonl")
     assert trainer.step == 16 and any(r["skipped"] == 1 for r in rows)
-    assert _all_finite(out / "model")
+    assert _all_finite(load_file(out / "model" / "model.safetensors"))
     assert "non-finite loss or gradients, update skipped" in capsys.readouterr().err
 
 
@@ -181,11 +256,19 @@ def test_tampered_trainer_state_values_are_one_error(data_dir, tmp_path):
 
 
 def test_nonfinite_weights_are_never_checkpointed(tmp_path):
-    from nanoseek.train.checkpoint import save_checkpoint
+    from nanoseek.config import preset
+    from nanoseek.model import DeepseekV3ForCausalLM
+    from nanoseek.train.config import TrainerConfig
+    from nanoseek.train.core import Trainer
 
-    model = torch.nn.Linear(2, 2)
+    class NoData:
+        def state_dict(self):
+            return {}
+
+    model = DeepseekV3ForCausalLM(preset("tiny"))
+    trainer = Trainer(TrainerConfig(out_dir=str(tmp_path), tensorboard=False), model, 1.0, 1)
     with torch.no_grad():
-        model.weight[0, 0] = float("nan")
-    with pytest.raises(UserError, match="refusing to write checkpoint step_00000005: 1 tensors hold NaN or inf"):
-        save_checkpoint(tmp_path / "ckpts", 5, model, {"step": 5})
-    assert not (tmp_path / "ckpts").exists()
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="refusing to write checkpoint step_00000000: the weights hold NaN or inf"):
+        trainer.save(NoData())
+    assert not (tmp_path / "checkpoints" / "step_00000000").exists()

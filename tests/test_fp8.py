@@ -375,7 +375,6 @@ def test_fp8_without_float8_gemms_is_one_setting_error(monkeypatch):
 def test_expert_parallel_runs_the_fp8_experts(tmp_path, monkeypatch):
     """Under EP (one gloo rank here) the routed experts still go through the FP8 grouped GEMM, with the
     same result as the local path."""
-    import torch.distributed as dist
 
     import nanoseek.fp8.grouped as grouped
     from nanoseek.parallel.expert_parallel import ExpertParallel
@@ -388,12 +387,12 @@ def test_expert_parallel_runs_the_fp8_experts(tmp_path, monkeypatch):
     calls = []
     real = grouped.FP8GroupedMMFunction.apply
     monkeypatch.setattr(grouped.FP8GroupedMMFunction, "apply", lambda *a: calls.append(1) or real(*a))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        moe.expert_dispatcher = ExpertParallel(dist.group.WORLD, moe.cfg.n_routed_experts)
-        parallel = moe(x)
-    finally:
-        dist.destroy_process_group()
+    from nanoseek.parallel.config import ParallelConfig
+    from nanoseek.parallel.mesh import init_parallel
+
+    ctx = init_parallel(ParallelConfig(), torch.device("cpu"))  # the 1-rank group of a single process
+    moe.expert_dispatcher = ExpertParallel(ctx.mesh.get_group("ep"), moe.cfg.n_routed_experts)
+    parallel = moe(x)
     assert len(calls) == 2  # gate_up and down
     assert torch.allclose(parallel, local, atol=1e-6)
 

@@ -124,17 +124,22 @@ def test_reshard_resume_four_ranks_ep4_to_two_ranks_ep2(data_dir, tmp_path, one_
     assert rows[-1]["a2a_cross_node_bytes"] > 0
 
 
-def test_single_process_refuses_a_sharded_checkpoint(data_dir, torchrun_fsdp, tmp_path):
+def test_single_process_resumes_a_sharded_checkpoint(data_dir, torchrun_fsdp, tmp_path):
+    """One process is the same code path on a 1-rank mesh, so it resumes a 2-rank FSDP checkpoint (DCP
+    reshards it) and continues like the uninterrupted 2-rank run."""
     import shutil
-
-    from nanoseek.errors import UserError
 
     out = tmp_path / "copy"
     shutil.copytree(torchrun_fsdp, out)
-    cfg = load_train_config(PretrainConfig, None, [*SETTINGS, f"data={data_dir}", f"out_dir={out}",
-                                                   f"max_steps={STEPS + 2}"])
-    with pytest.raises(UserError, match="written by a multi-process run: resume it with torchrun"):
-        run_pretraining(cfg, resume=True)
+    for late in [p for p in list_checkpoints(out / "checkpoints") if p.name > "step_00000016"]:
+        shutil.rmtree(late)
+    shutil.rmtree(out / "model")
+    cfg = load_train_config(PretrainConfig, None, [*SETTINGS, f"data={data_dir}", f"out_dir={out}"])
+    torch.set_num_threads(1)
+    resumed = run_pretraining(cfg, resume=True)
+    assert [r["step"] for r in resumed.history] == list(range(17, STEPS + 1))
+    tail = losses(torchrun_fsdp)[16:]
+    assert [r["loss"] for r in resumed.history] == pytest.approx(tail, rel=1e-5)
 
 
 def test_resume_with_weights_that_never_had_a_gradient(data_dir, tmp_path):

@@ -55,25 +55,25 @@ def test_corrupt_checkpoint_is_skipped(data_dir, tmp_path, capsys):
     run_pretraining(config(data_dir, out, max_steps=6))
     ckpts = list_checkpoints(out / "checkpoints")
     assert [p.name for p in ckpts] == ["step_00000003", "step_00000006"]
-    with open(ckpts[-1] / "model.safetensors", "r+b") as f:  # flip bytes in the newest
+    with open(ckpts[-1] / "dcp" / "__0_0.distcp", "r+b") as f:  # flip bytes in the newest's weights
         f.seek(200)
         f.write(b"\x00\x01\x02\x03")
     capsys.readouterr()
     assert latest_checkpoint(out / "checkpoints") == ckpts[0]
     err = capsys.readouterr().err  # one nanoseek warning line, not a Python UserWarning quoting source
     assert re.fullmatch(r"nanoseek: warning: skipping corrupt checkpoint \S*step_00000006: "
-                        r"model.safetensors does not match its checksum\n", err)
+                        r"dcp/__0_0.distcp does not match its checksum\n", err)
 
 
 def test_full_disk_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_pretraining(config(data_dir, out, max_steps=3))
-    import nanoseek.train.checkpoint as ckpt
+    import nanoseek.parallel.dcp as dcp
 
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_pretrained", no_space)
+    monkeypatch.setattr(dcp, "fsync_file", no_space)  # the last writes of a checkpoint (rank 0, after the shards)
     with pytest.raises(UserError, match="No space left on device.*previous checkpoints are intact"):
         run_pretraining(config(data_dir, out, max_steps=6), resume=True)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]

@@ -7,8 +7,10 @@ file), written last. The directory is filled under a hidden temporary name and r
 after every rank has finished, so a crash mid-save never leaves a directory under a real name: the
 rename is the completion marker, and the checksums catch later damage.
 
-DCP records global shapes and each shard's offsets, so a checkpoint loads at another world size or layout
-(resharding): FSDP shards and EP expert shards are re-cut on load. The final model is gathered from the
+Loading never unpickles more than plain data (nanoseek.parallel.dcp_safe; torch's own reader would unpickle
+the metadata file and every non-tensor value in full). DCP records global shapes and each shard's offsets,
+so a checkpoint loads at another world size or layout (resharding): FSDP shards and EP expert shards are
+re-cut on load. The final model is gathered from the
 shards to rank 0 (`full_model_state`) and written in the usual HF format.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,7 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from nanoseek.files import file_sha256, fsync_dir, fsync_file
+from nanoseek.errors import UserError
+from nanoseek.files import WriteError, file_sha256, fsync_dir, fsync_file
+from nanoseek.parallel.dcp_safe import SafeLoadPlanner, SafeReader, UnsafeCheckpointError, read_metadata_safely
 
 CHECKSUMS = "checksums.json"
 SHARDS = "dcp"
@@ -48,28 +55,56 @@ def _files(folder: Path) -> list[Path]:
 def save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  write_extra: Callable[[Path], None]) -> Path:
     """Every rank: write checkpoint `final` (model + optimizer shards); rank 0 adds `write_extra(tmp)`
-    and the checksums, then renames the finished directory into place."""
+    and the checksums, then renames the finished directory into place. A failed write (a full disk,
+    permissions) is a `WriteError`; the temporary directory is left for the caller to remove."""
     tmp = final.with_name(f".{final.name}.dist.tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
+    except (OSError, CheckpointException) as e:  # DCP gathers every rank's error into one CheckpointException
+        raise WriteError(f"could not write checkpoint {final.name} ({_failure(e)})") from None
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
-        write_extra(tmp)
-        for f in _files(tmp):
-            fsync_file(f)
-        sums = {str(f.relative_to(tmp)): file_sha256(f) for f in _files(tmp)}
-        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-        fsync_file(tmp / CHECKSUMS)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        try:
+            _finish(tmp, final, write_extra)
+        except (OSError, RuntimeError, ValueError) as e:  # safetensors reports ENOSPC as a RuntimeError
+            raise WriteError(f"could not write checkpoint {final.name} ({_failure(e)})") from None
     dist.barrier()
     return final
+
+
+def _finish(tmp: Path, final: Path, write_extra: Callable[[Path], None]) -> None:
+    """Rank 0, once every shard is on disk: the trainer's files, the checksums, the rename into place."""
+    write_extra(tmp)
+    for f in _files(tmp):
+        fsync_file(f)
+    sums = {str(f.relative_to(tmp)): file_sha256(f) for f in _files(tmp)}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    fsync_file(tmp / CHECKSUMS)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """The errors behind `error`: DCP gathers each failed rank's (exception, stack) into one CheckpointException
+    (a BaseException, which `except Exception` would not catch)."""
+    if isinstance(error, CheckpointException):
+        found = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
+        return [e for e in found if isinstance(e, BaseException)] or [error]
+    return [error]
+
+
+def _failure(error: BaseException) -> str:
+    """One line on a failed write."""
+    error = _causes(error)[0]
+    text = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    return text[:200]
 
 
 def is_sharded(path: Path) -> bool:
@@ -78,12 +113,30 @@ def is_sharded(path: Path) -> bool:
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank: read checkpoint `path` into the (already parallelized) model and optimizer, whatever
-    the layout it was saved with."""
+    the layout it was saved with. Nothing in the checkpoint is unpickled beyond plain data
+    (nanoseek.parallel.dcp_safe); a file that asks for more, or that does not fit the model, is a UserError."""
+    try:
+        _load_sharded(path, model, optimizer)
+    except (UnsafeCheckpointError, CheckpointException, OSError) as e:
+        raise UserError(f"checkpoint {path}: {_read_failure(e)}") from None
+
+
+def _read_failure(error: BaseException) -> str:
+    """One line on a failed read: refused content first, whichever rank met it."""
+    causes = _causes(error)
+    error = next((e for e in causes if isinstance(e, UnsafeCheckpointError)), causes[0])
+    if isinstance(error, UnsafeCheckpointError):
+        return f"refusing to load it, it holds more than checkpoint data ({error})"
+    line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    return f"does not load into this run's model ({type(error).__name__}: {line})"
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     stateless = stateless_parameters(path, optim_state)
     wanted = {k: v for k, v in optim_state.items() if parameter_of(k) not in stateless}
     state = {"model": model_state, "optimizer": wanted}
-    dcp.load(state, checkpoint_id=path / SHARDS)
+    dcp.load(state, storage_reader=SafeReader(str(path / SHARDS)), planner=SafeLoadPlanner())
     optim_state.update(state["optimizer"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state, options=OPTIONS)
     by_name = dict(model.named_parameters())
@@ -101,11 +154,27 @@ def stateless_parameters(path: Path, optim_state: dict) -> set[str]:
     when it was saved (e.g. modules a recipe never runs). AdamW creates state lazily, but torch's
     `get_state_dict` creates it for every parameter before a load, so without this the load would ask the
     checkpoint for keys it never had. A parameter with only some of its fields saved still fails the load."""
-    saved = {k.removeprefix("optimizer.") for k in dcp.FileSystemReader(str(path / SHARDS)).read_metadata()
-             .state_dict_metadata}
+    saved = {k.removeprefix("optimizer.") for k in read_metadata_safely(path / SHARDS).state_dict_metadata}
     names = {parameter_of(k) for k in optim_state} - {None}
     have = {parameter_of(k) for k in saved}
     return names - have
+
+
+def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in checkpoint `path` as full CPU tensors by parameter name, read in this process
+    alone (no process group needed: e.g. to inspect or convert a checkpoint)."""
+    try:
+        metadata = read_metadata_safely(path / SHARDS)
+        tensors = {key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                   for key, meta in metadata.state_dict_metadata.items()
+                   if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": reading alone is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": tensors}, storage_reader=SafeReader(str(path / SHARDS)), planner=SafeLoadPlanner(),
+                     no_dist=True)
+    except (UnsafeCheckpointError, CheckpointException, OSError) as e:
+        raise UserError(f"checkpoint {path}: {_read_failure(e)}") from None
+    return tensors
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

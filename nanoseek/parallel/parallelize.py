@@ -15,11 +15,13 @@ from nanoseek.parallel.traffic import TrafficMeter
 
 def parallelize(model: nn.Module, ctx: ParallelContext, meter: TrafficMeter | None = None) -> nn.Module:
     """Shard `model` in place (every rank must have built it identically, e.g. from the same seed).
-    `meter` collects the EP all-to-all traffic."""
+    `meter` collects the EP all-to-all traffic. On the trivial mesh of one process the model stays as it is
+    (like torchtitan, no FSDP2 over a single rank: plain tensors, no gathers)."""
     experts = apply_expert_parallel(model, ctx, meter) if ctx.cfg.ep > 1 else set()
-    if ctx.cfg.overlap:
+    if ctx.cfg.overlap and (ctx.cfg.ep > 1 or ctx.is_main):  # its warning for ep=1: once, not once per rank
         install_overlap(model, ctx.cfg.ep)
-    apply_fsdp(model, ctx, experts)
+    if ctx.world_size > 1:
+        apply_fsdp(model, ctx, experts)
     return model
 
 

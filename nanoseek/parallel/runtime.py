@@ -1,14 +1,15 @@
 """`ParallelRuntime`: what a training loop needs from the mesh, in one object.
 
-The trainer (nanoseek.train.core) holds one when `parallel.*` asks for more than one process, and calls
-it at the few places where a multi-process step differs from a single-process one: laying out the model,
-finishing the gradients, agreeing on skipped steps, averaging the logged metrics, checkpoints and the
-final export. Everything else (the loss, the optimizer, the schedule) is the single-process code.
+The trainer (nanoseek.train.core) holds one for every run: a torchrun job's mesh, or the trivial 1-rank mesh
+of a single process (nanoseek.parallel.mesh), so one process and many take the same code. The trainer calls
+it at the few places where the ranks must agree: laying out the model, finishing the gradients, agreeing on
+skipped steps, averaging the logged metrics, checkpoints and the final export. Everything else (the loss, the
+optimizer, the schedule) is written once for all of them. On the trivial mesh every collective is a 1-rank
+no-op and the model stays unsharded (plain tensors: nothing to gather, nothing to shard).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -18,10 +19,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from nanoseek.errors import request_hard_exit
+from nanoseek.model import DeepseekV3ForCausalLM
 from nanoseek.files import write_json
 from nanoseek.parallel import dcp
 from nanoseek.parallel.config import ParallelConfig
-from nanoseek.parallel.mesh import ParallelContext, init_parallel, shutdown
+from nanoseek.parallel.mesh import ParallelContext, init_parallel, is_single_process, shutdown
 from nanoseek.parallel.parallelize import finish_gradients, parallelize, parallelize_pipeline
 from nanoseek.parallel.pipeline import Pipeline
 from nanoseek.parallel.pipeline_trace import memory_lines
@@ -35,17 +37,13 @@ class ParallelRuntime:
         self.pipeline: Pipeline | None = None  # this rank's stages, when parallel.pp > 1
 
     @classmethod
-    def start(cls, cfg: ParallelConfig, device: torch.device) -> "ParallelRuntime":
-        """Create the process group and the mesh (cfg validated by the caller)."""
-        request_hard_exit()  # see nanoseek.errors.request_hard_exit: no C++ teardown of the process group
-        return cls(init_parallel(cfg, device))
-
-    @classmethod
-    def for_run(cls, cfg: ParallelConfig, device: torch.device) -> "ParallelRuntime | None":
-        """A training command's runtime: started when `cfg` asks for several processes or torchrun launched
-        this one ($WORLD_SIZE set; with one process that is a 1-rank mesh, so `torchrun --nproc-per-node 1`
-        takes the multi-process code path). None for a plain `python -m nanoseek` run."""
-        return cls.start(cfg, device) if cfg.enabled or "WORLD_SIZE" in os.environ else None
+    def for_run(cls, cfg: ParallelConfig, device: torch.device) -> "ParallelRuntime":
+        """A training run's runtime (cfg validated by the caller): the process group (joined or, in a
+        single process without torchrun, created once with one rank) and the mesh."""
+        ctx = init_parallel(cfg, device)
+        if not is_single_process():
+            request_hard_exit()  # see nanoseek.errors.request_hard_exit: no C++ teardown of the process group
+        return cls(ctx)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -67,6 +65,11 @@ class ParallelRuntime:
     @property
     def world_size(self) -> int:
         return self.ctx.world_size
+
+    @property
+    def shards_model(self) -> bool:
+        """Whether the model is split over ranks (FSDP2, EP or pipeline stages): not on the trivial mesh."""
+        return self.world_size > 1
 
     # ------------------------------------------------------------------ a step
     def parallelize(self, model: nn.Module) -> nn.Module:
@@ -173,11 +176,17 @@ class ParallelRuntime:
         dcp.load_sharded(path, model, optimizer)
         self.after_optimizer_step()  # the mirror copies the loaded embedding
 
-    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model's weights on rank 0 (every pipeline stage's), {} elsewhere."""
-        if self.pipeline is not None:
-            return self.pipeline.full_state()
-        return dcp.full_model_state(model)
+    def gathered_model(self, model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM | None:
+        """The whole model as one plain module on rank 0 (every pipeline stage's and every rank's shards
+        gathered), None elsewhere. On the trivial mesh that is `model` itself: nothing to gather."""
+        if not self.shards_model:
+            return model
+        state = self.pipeline.full_state() if self.pipeline is not None else dcp.full_model_state(model)
+        if not self.is_main:
+            return None
+        whole = DeepseekV3ForCausalLM(model.config)
+        whole.load_state_dict(state)
+        return whole
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's `flag` on every rank (e.g. whether a checkpoint was found)."""

@@ -38,7 +38,7 @@ OPS_NO_GROUPS = -10       # a MoE layer without group-limited routing (n_group <
 OPS_NO_BALANCE_LOSS = -35  # a MoE layer without the sequence-wise balance loss (aux_loss_alpha = 0)
 # Ops per optimizer step: AdamW per parameter tensor, gradient clipping, bias update per MoE layer.
 OPS_PER_PARAM_TENSOR = 10
-OPS_CLIP = 8
+OPS_CLIP = 11  # nanoseek.parallel.fsdp.clip_grad_norm: one foreach norm, the sum, the scaling
 OPS_BALANCE_PER_MOE_LAYER = 14
 
 # torch.optim.AdamW's single-tensor loop (the CPU default), fp32 accesses per parameter element:

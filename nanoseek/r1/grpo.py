@@ -92,7 +92,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
     # full local copies, taken before the Trainer shards the model: the frozen reference and, on
     # several processes, the policy that samples (grpo_ranks.RolloutPolicy)
     ref = build_reference(model, cfg.beta)
-    sampler = copy.deepcopy(model) if parallel else None
+    sampler = copy.deepcopy(model) if parallel.shards_model else None
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, context),
                       cfg.prompts_per_step * cfg.group_size * context,
                       extra_files=tokenizer_files(tok_dir), parallel=parallel)
@@ -135,6 +135,5 @@ def run(args: argparse.Namespace) -> int:
     trainer = run_grpo(cfg, resume=args.resume)
     if trainer.main:
         print_summary(trainer, ("reward", "accuracy", "test_accuracy", "response_length", "kl"))
-    if trainer.parallel:
-        trainer.parallel.close()
+    trainer.parallel.close()
     return 0

@@ -27,6 +27,7 @@ class DataParallelRanks:
     """This rank's place among the data-parallel ranks, and the few reductions GRPO needs."""
 
     def __init__(self, parallel: ParallelRuntime | None = None):
+        """`parallel`: the run's runtime; None outside a training run (a loss computed on its own: one rank)."""
         self.parallel = parallel
         self.rank = parallel.dp_rank if parallel else 0
         self.size = parallel.dp_size if parallel else 1
@@ -35,7 +36,7 @@ class DataParallelRanks:
     @property
     def lockstep(self) -> bool:
         """Whether the training model is sharded: then every rank must run the same forwards."""
-        return self.parallel is not None
+        return self.parallel is not None and self.parallel.shards_model
 
     def sum(self, values: list[float]) -> list[float]:
         if not self.parallel:

@@ -325,7 +325,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Trainer:
         model_directory(cfg.init_from)
     cfg.validate()
     parallel = ParallelRuntime.for_run(cfg.parallel, resolve_device(cfg.device))
-    rank, ranks = (parallel.dp_rank, parallel.dp_size) if parallel else (0, 1)
+    rank, ranks = parallel.dp_rank, parallel.dp_size
     seed_everything(cfg.seed)  # the same on every rank: identical weights before sharding
     tok_dir = tokenizer_dir_for(cfg)
     tokenizer = load_tokenizer(tok_dir)
@@ -388,6 +388,5 @@ def run(args: argparse.Namespace) -> int:
     trainer = run_sft(cfg, resume=args.resume)
     if trainer.main:
         print_summary(trainer, ("loss", "val_loss", "tokens_per_s"))
-    if trainer.parallel:
-        trainer.parallel.close()
+    trainer.parallel.close()
     return 0

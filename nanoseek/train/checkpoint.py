@@ -1,17 +1,20 @@
-"""Atomic, verifiable checkpoints that load without running code.
+"""Finding, verifying and pruning the checkpoints of a run.
 
-A checkpoint is a directory `step_XXXXXXXX/` holding
-* the model in HF format (config.json + safetensors),
-* the trainer state (optimizer moments, step, data position, RNG states, whatever the recipe adds) as
-  `trainer_state.json` (plain values) + `trainer_state.tensors` (every tensor and array in it, in
-  safetensors format),
-* `checksums.json` (sha256 of every file).
+A checkpoint is a directory `step_XXXXXXXX/` (written by every rank, one process or many:
+nanoseek.parallel.dcp) holding
+* `dcp/`: the model's and the optimizer's tensors in torch.distributed.checkpoint's format (one file per
+  rank; it loads at any other layout),
+* the trainer state (step, data position, RNG states, whatever the recipe adds) as `trainer_state.json`
+  (plain values) + `trainer_state.tensors` (every tensor and array in it, in safetensors format),
+* `checksums.json` (sha256 of every file), written last.
 
-Nothing is pickled (see nanoseek.train.trainer_state): `--resume` reads JSON and safetensors only, so a
-tampered checkpoint can at worst hold wrong numbers, never execute code. The directory is
-written under a temporary name and renamed into place (`nanoseek.files.atomic_dir`), so a crash or a
-full disk never leaves a half-written checkpoint under a real name. A checkpoint whose checksums fail
-is skipped with a warning; a checkpoint whose weights are not finite is never written.
+Nothing is unpickled: DCP's files hold raw tensor bytes, its metadata is read with torch's safe loader, and the
+trainer state is JSON + safetensors (nanoseek.train.trainer_state), so a tampered checkpoint can at worst
+hold wrong numbers, never execute code. The directory is written under a temporary name and renamed into
+place, so a crash or a full disk never leaves a half-written checkpoint under a real name. A checkpoint whose
+checksums fail is skipped with a warning; a checkpoint whose weights are not finite is never written.
+Earlier nanoseek versions wrote single-process checkpoints with the model in HF format and the optimizer in
+the trainer state; those still resume in one process (Trainer.load_single_file).
 """
 
 from __future__ import annotations
@@ -47,26 +50,6 @@ def require_finite(model: torch.nn.Module, what: str) -> None:
     if bad:
         raise UserError(f"refusing to write {what}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}); "
                         "the training diverged (lower lr or raise warmup_steps)")
-
-
-def save_checkpoint(root: Path, step: int, model, state: dict[str, Any], extra_files: dict[str, Path] | None = None,
-                    keep_last: int = 3) -> Path:
-    """Write checkpoint `step` under `root` atomically; prune to the newest `keep_last`. Weights with
-    NaN or inf are refused, so a diverged run never pushes good checkpoints out."""
-    final = root / checkpoint_name(step)
-    require_finite(model, f"checkpoint {final.name}")
-    root.mkdir(parents=True, exist_ok=True)
-    remove_partial(root)
-    try:
-        with atomic_dir(final, what=f"checkpoint {final.name}") as tmp:
-            save_pretrained(model, tmp, tokenizer_files=extra_files)
-            write_trainer_state(tmp, state)
-            sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
-            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-    except WriteError as e:
-        raise UserError(f"{e}; the previous checkpoints are intact") from None
-    prune(root, keep_last)
-    return final
 
 
 def remove_partial(root: Path) -> None:

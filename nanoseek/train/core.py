@@ -7,11 +7,13 @@ auxiliary-loss-free bias update after every optimizer step, metrics
 (JSONL/TensorBoard/progress bar, tokens/s, MFU), periodic evaluation, atomic checkpoints, exact resume,
 and divergence handling (a step with non-finite loss or gradients is not applied; see `nonfinite`).
 
-Several processes (torchrun, `parallel.*`): the recipe starts a `ParallelRuntime` and passes it in; the
-trainer then lays the model out on the mesh (EP + FSDP2, pipeline stages with `parallel.pp`: the stages
-compute the loss and run the schedule's forward and backward), completes and clips gradients over all ranks,
-averages the logged metrics, writes sharded checkpoints (torch.distributed.checkpoint) and exports the
-gathered model from rank 0 (nanoseek.parallel, docs/distributed.md).
+One process and several (torchrun, `parallel.*`) run the same code: the trainer always holds a
+`ParallelRuntime` (the recipe's, or one it starts: the trivial 1-rank mesh of a single process). It lays the
+model out on the mesh (EP + FSDP2, pipeline stages with `parallel.pp`: the stages compute the loss and run
+the schedule's forward and backward; nothing on the trivial mesh), completes and clips gradients over all
+ranks, averages the logged metrics, writes sharded checkpoints (torch.distributed.checkpoint: a single
+process writes the same format, one shard) and exports the gathered model from rank 0 (nanoseek.parallel,
+docs/distributed.md).
 
 A batch source's `state_dict()` must return plain values (dict, list, tuple, str, int, float, bool,
 None), torch tensors and numpy arrays: checkpoints store it as JSON + safetensors, never as a pickle.
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 
 from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, is_finite_number, warn
-from nanoseek.files import atomic_dir, write_json
+from nanoseek.files import WriteError, atomic_dir, write_json
 from nanoseek.fp8.optim import AdamW as BF16MomentAdamW
 from nanoseek.hf import load_weights, save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
@@ -48,7 +50,6 @@ from nanoseek.train.checkpoint import (
     prune,
     remove_partial,
     require_finite,
-    save_checkpoint,
 )
 from nanoseek.train.config import TrainerConfig
 from nanoseek.train.metrics_log import MetricsLogger
@@ -111,21 +112,23 @@ class Trainer:
                  tokens_per_step: int, extra_files: dict[str, Path] | None = None,
                  parallel: ParallelRuntime | None = None):
         """`extra_files`: tokenizer files (name -> path) saved with every checkpoint and the exported model.
-        `parallel`: the mesh when `cfg.parallel` asks for several processes (started by the recipe)."""
+        `parallel`: the recipe's runtime (it needs the ranks before building its data); None starts the
+        trivial mesh of one process."""
         cfg.validate()  # cheap; recipes built from Python (not the CLI) are checked here too
-        if cfg.parallel.enabled and parallel is None:
-            raise UserError("parallel.* settings: this command trains in one process only (multi-process "
-                            "training: `nanoseek pretrain`, `sft`, `grpo`)")
+        if parallel is None:
+            if cfg.parallel.enabled:
+                raise UserError("parallel.* settings: this command trains in one process only (multi-process "
+                                "training: `nanoseek pretrain`, `sft`, `grpo`)")
+            parallel = ParallelRuntime.for_run(cfg.parallel, resolve_device(cfg.device))
         self.cfg = cfg
         self.parallel = parallel
-        self.main = parallel is None or parallel.is_main  # the rank that logs and exports
-        self.device = parallel.device if parallel else resolve_device(cfg.device)
+        self.main = parallel.is_main  # the rank that logs and exports
+        self.device = parallel.device
         self.model = model.to(self.device)
         if cfg.compile:  # per block, so the module tree (and checkpoints) keep their names
             for block in model.model.layers:
                 block.compile()
-        if parallel:
-            parallel.parallelize(model)
+        parallel.parallelize(model)
         self.autocast = autocast_dtype(cfg.dtype, self.device)
         self.optimizer = build_optimizer(model, cfg)
         self.out_dir = Path(cfg.out_dir)
@@ -133,7 +136,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step
         self.peak = peak_flops(self.device, self.autocast, cfg.peak_tflops)  # None: MFU unknown
-        if self.peak and parallel:  # tokens/s is the whole job's: compare with every device's peak
+        if self.peak:  # tokens/s is the whole job's: compare with every device's peak
             self.peak *= parallel.world_size
         self.extra_files = extra_files or {}
         self.step = 0
@@ -155,7 +158,7 @@ class Trainer:
             group["lr"] = lr
         totals: dict[str, float] = {}
         finite = True
-        pipeline = self.parallel.pipeline if self.parallel else None
+        pipeline = self.parallel.pipeline
         for _ in range(cfg.grad_accum):
             batch = source.next_batch()
             if pipeline:  # the stages compute the loss (LM + MTP + balance) and run forward and backward
@@ -171,22 +174,18 @@ class Trainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else 1e30
-        if self.parallel:  # every rank skips the step or none does; the norm is over all ranks' shards
-            finite = self.parallel.all_true(finite)
-            grad_norm = self.parallel.finish_gradients(model, max_norm)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        # every rank skips the step or none does; the norm is over all ranks' shards
+        finite = self.parallel.all_true(finite)
+        grad_norm = self.parallel.finish_gradients(model, max_norm)
         if finite and math.isfinite(grad_norm):
             self.optimizer.step()
-            if self.parallel:
-                self.parallel.after_optimizer_step()
+            self.parallel.after_optimizer_step()
             self.bad_steps = 0
         else:  # never apply NaN/inf: the weights and the optimizer moments stay as they were
             self.on_nonfinite_step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.parallel:
-            totals = self.parallel.mean_metrics(totals)
-            totals.update(self.parallel.traffic_metrics(self.tokens_per_step))
+        totals = self.parallel.mean_metrics(totals)
+        totals.update(self.parallel.traffic_metrics(self.tokens_per_step))
         if self.bad_steps == 0:
             totals.update(self.balance_step())
         totals.update(lr=lr, grad_norm=grad_norm, skipped=float(self.bad_steps > 0))
@@ -216,7 +215,7 @@ class Trainer:
             gamma = piecewise(self.step, cfg.max_steps, cfg.bias_gamma, 0.0, 1 - cfg.bias_gamma_off_frac)
         stats: dict[str, float] = {}
         layers = self.model.moe_layers()
-        numbers = self.parallel.moe_layer_numbers(self.model) if self.parallel else range(len(layers))
+        numbers = self.parallel.moe_layer_numbers(self.model)
         per_layer = {}  # layer number -> (max/mean load, share of dead experts, load shares)
         for i, moe in zip(numbers, layers):
             load = moe.update_bias(gamma).float()
@@ -224,8 +223,7 @@ class Trainer:
                 continue
             per_layer[i] = ((load.max() / load.mean()).item(), (load == 0).float().mean().item(),
                             (load / load.sum()).tolist())
-        if self.parallel:  # pipeline stages: each holds its own layers
-            per_layer = self.parallel.gather_layer_stats(per_layer)
+        per_layer = self.parallel.gather_layer_stats(per_layer)  # pipeline stages: each holds its own layers
         ratios, dead = [], []
         for i in sorted(per_layer):
             ratio, dead_share, shares = per_layer[i]
@@ -264,8 +262,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics = self.train_step(source, loss_fn)
                 dt = time.perf_counter() - t0
-                if self.parallel:  # pipeline stages: parameters and activations held, once
-                    self.parallel.report_pipeline_memory(self.out_dir)
+                self.parallel.report_pipeline_memory(self.out_dir)  # pipeline stages: memory held, once
                 self.step += 1
                 metrics["tokens_per_s"] = self.tokens_per_step / dt
                 if self.peak:
@@ -285,7 +282,7 @@ class Trainer:
                 if last or (cfg.save_every and self.step % cfg.save_every == 0 and self.bad_steps == 0):
                     self.save(source, extra_state)
         except RuntimeError as e:
-            if self.parallel is None or not self.parallel.is_peer_failure(e):
+            if not (self.parallel.shards_model and self.parallel.is_peer_failure(e)):
                 raise
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise UserError(f"rank {self.parallel.ctx.rank}: lost contact with another rank at step "
@@ -300,16 +297,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, source: BatchSource, extra_state: Callable[[], dict] | None = None) -> Path:
-        state = {"step": self.step, "data": source.state_dict(), "rng": rng_state(),
-                 "train_config": self.cfg.to_dict(), "extra": extra_state() if extra_state else {}}
-        if self.parallel:
-            return self.save_sharded(state)
-        state["optimizer"] = self.optimizer.state_dict()
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, state, self.extra_files, self.cfg.keep_last)
-
-    def save_sharded(self, state: dict) -> Path:
         """Every rank writes its shards of the weights and the optimizer state (torch.distributed.checkpoint);
         rank 0 adds the trainer state and the checksums and renames the directory into place."""
+        state = {"step": self.step, "data": source.state_dict(), "rng": rng_state(),
+                 "train_config": self.cfg.to_dict(), "extra": extra_state() if extra_state else {}}
         final = self.ckpt_dir / checkpoint_name(self.step)
         if not self.parallel.all_true(self.parallel.local_finite(self.model)):
             raise UserError(f"refusing to write checkpoint {final.name}: the weights hold NaN or inf; the "
@@ -317,7 +308,12 @@ class Trainer:
         if self.main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             remove_partial(self.ckpt_dir)
-        self.parallel.save(final, self.model, self.optimizer, lambda tmp: write_trainer_state(tmp, state))
+        try:
+            self.parallel.save(final, self.model, self.optimizer, lambda tmp: write_trainer_state(tmp, state))
+        except WriteError as e:  # e.g. a full disk: the half-written directory goes
+            if self.main:
+                remove_partial(self.ckpt_dir)
+            raise UserError(f"{e}; the previous checkpoints are intact") from None
         if self.main:
             prune(self.ckpt_dir, self.cfg.keep_last)
         self.parallel.barrier()
@@ -333,18 +329,12 @@ class Trainer:
                                 "(see the warnings above); move them away to start over")
             warn(f"no checkpoint to resume in {self.ckpt_dir}: starting from step 0")
             return False
-        if is_sharded(path) != (self.parallel is not None):
-            raise UserError(f"checkpoint {path} was written by a " + ("multi-process run: resume it with torchrun "
-                            "and its parallel.* settings (any layout)" if is_sharded(path) else
-                            "single-process run: resume it without parallel.* settings"))
         state = load_trainer_state(path)
-        if self.parallel:
+        if is_sharded(path):
             self.parallel.load(path, self.model, self.optimizer)
         else:
-            load_weights(self.model, path)
+            self.load_single_file(path, state)
         try:
-            if not self.parallel:
-                self.optimizer.load_state_dict(state["optimizer"])
             source.load_state_dict(state["data"])
             set_rng_state(state["rng"])
             if on_state:
@@ -361,21 +351,28 @@ class Trainer:
             print(f"resumed from {path} (step {self.step})")
         return True
 
+    def load_single_file(self, path: Path, state: dict) -> None:
+        """A checkpoint of an earlier nanoseek's single-process format (HF weights + the optimizer in the
+        trainer state): it resumes in one process, as it was written."""
+        if self.parallel.shards_model:
+            raise UserError(f"checkpoint {path} is in the single-process format of an earlier nanoseek: resume "
+                            "it in one process (without torchrun and parallel.* settings)")
+        load_weights(self.model, path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"checkpoint {path}: its optimizer state does not fit this run "
+                            f"({type(e).__name__}: {e})") from None
+
     def export(self) -> Path:
         """The final model as a self-contained HF directory (weights + config + tokenizer), atomically."""
         final = self.out_dir / "model"
-        model = self.model
-        if self.parallel:  # gather the shards into one plain model on rank 0
-            state = self.parallel.full_model_state(self.model)
-            if self.main:
-                model = DeepseekV3ForCausalLM(self.model.config)
-                model.load_state_dict(state)
+        model = self.parallel.gathered_model(self.model)  # rank 0: one plain model; None elsewhere
         if self.main:
             require_finite(model, f"the final model {final}")
             with atomic_dir(final, what=f"the final model {final}") as tmp:
                 save_pretrained(model, tmp, tokenizer_files=self.extra_files, fp8=self.cfg.export_fp8)
-        if self.parallel:
-            self.parallel.barrier()
+        self.parallel.barrier()
         return final
 
 

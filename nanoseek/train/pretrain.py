@@ -98,7 +98,7 @@ def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
         raise SettingError(f"compile=true cannot be combined with parallel.schedule={cfg.parallel.schedule} "
                            "(use 1f1b or interleaved_1f1b, or compile=false)")
     parallel = ParallelRuntime.for_run(cfg.parallel, resolve_device(cfg.device))
-    dp_rank, dp_size = (parallel.dp_rank, parallel.dp_size) if parallel else (0, 1)
+    dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights before sharding
     loader = TokenLoader(cfg.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size // dp_size,
                          seed=cfg.seed, rank=dp_rank, world_size=dp_size)
@@ -111,7 +111,7 @@ def run_pretraining(cfg: PretrainConfig, resume: bool = False) -> Trainer:
     trainer = Trainer(cfg, model, train_flops_per_token(model.config, cfg.seq_len), tokens_per_step,
                       extra_files=extra_files, parallel=parallel)
 
-    pipeline = parallel.pipeline if parallel else None
+    pipeline = parallel.pipeline
 
     def evaluate() -> dict:
         try:
@@ -163,6 +163,5 @@ def run(args: argparse.Namespace) -> int:
     trainer = run_pretraining(cfg, resume=args.resume)
     if trainer.main:
         print_summary(trainer, ("loss", "val_loss", "load_max_mean", "tokens_per_s", "mfu"))
-    if trainer.parallel:
-        trainer.parallel.close()
+    trainer.parallel.close()
     return 0
