@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.dcp_safe import UnsafeCheckpointError, is_sharded, read_failure, read_model_tensors
 from nanoseek.device import resolve_device
 from nanoseek.errors import SettingError, UserError, warn
 from nanoseek.files import atomic_write, write_json
@@ -72,7 +74,10 @@ def _shard_files(path: Path) -> list[Path]:
 
 def read_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (checkpoint names), FP8 blocks dequantised, floats cast to
-    `dtype`. A truncated or corrupt shard is one clear `CheckpointError`."""
+    `dtype`. A truncated or corrupt shard is one clear `CheckpointError`. A training checkpoint
+    (`out_dir/checkpoints/step_*`: config.json + DCP shards of any layout) reads the same way."""
+    if is_sharded(Path(path)):
+        return _read_training_checkpoint(Path(path), dtype)
     raw: dict[str, torch.Tensor] = {}
     for file in _shard_files(Path(path)):
         try:
@@ -82,6 +87,15 @@ def read_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[s
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file, truncated or corrupt ({e})") from None
     return dequantize_checkpoint(raw, dtype)
+
+
+def _read_training_checkpoint(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    try:
+        state = read_model_tensors(path)
+    except (UnsafeCheckpointError, CheckpointException, OSError) as e:
+        raise CheckpointError(f"training checkpoint {path}: {read_failure(e)}") from None
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return to_checkpoint(state, ModelConfig.from_json(path))
 
 
 def load_state(model: DeepseekV3ForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
@@ -191,6 +205,23 @@ def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
     atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
+def save_config(cfg: ModelConfig, path: str | Path, tokenizer_files: dict[str, Path] | None = None) -> ModelConfig:
+    """Everything of a model directory but the weights: config.json, generation_config.json and the
+    tokenizer files (copied in; the tokenizer's bos / eos / pad ids go into both configs, so transformers'
+    `generate` stops at our eos). Returns the config as written."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files = dict(tokenizer_files or {})
+    if "tokenizer.json" in files:
+        cfg = cfg.replace(**special_token_ids(load_tokenizer(files["tokenizer.json"])))
+    cfg.save(path)
+    write_json(path / "generation_config.json", {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                                                  "pad_token_id": cfg.pad_token_id})
+    for name, src in files.items():
+        atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+    return cfg
+
+
 def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
                     tokenizer_files: dict[str, Path] | None = None, fp8: bool = False) -> Path:
     """Write config.json, generation_config.json and safetensors shards (+ index when more than one) in
@@ -198,12 +229,9 @@ def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_by
     bos / eos / pad ids go into both configs, so transformers' `generate` stops at our eos.
     `fp8`: projection weights in DeepSeek's FP8 format (nanoseek.fp8.checkpoint)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    files = dict(tokenizer_files or {})
-    if "tokenizer.json" in files:
-        cfg = cfg.replace(**special_token_ids(load_tokenizer(files["tokenizer.json"])))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    cfg = save_config(model.config.replace(torch_dtype=dtype_name), path, tokenizer_files)
     tensors = to_checkpoint(state, cfg)
     if fp8:
         tensors = quantize_checkpoint(tensors)
@@ -217,15 +245,9 @@ def save_pretrained(model: DeepseekV3ForCausalLM, path: str | Path, max_shard_by
         # safetensors refuses shared storage (expert slices, MTP copies of embedding/head): own copies.
         shards[-1][key] = tensors[key].clone()
         size += nbytes
-    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    cfg.replace(torch_dtype=dtype_name).save(path)
     if fp8:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         write_json(path / "config.json", {**config, "quantization_config": QUANTIZATION_CONFIG})
-    write_json(path / "generation_config.json", {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                                                  "pad_token_id": cfg.pad_token_id})
-    for name, src in files.items():
-        atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
     if len(shards) == 1:
         _save_shard(shards[0], path / "model.safetensors")
         return path

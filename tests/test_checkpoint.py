@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanoseek.errors import UserError
-from nanoseek.parallel.dcp import read_model_tensors
+from nanoseek.dcp_safe import read_model_tensors
 from nanoseek.files import file_sha256
 from nanoseek.train.checkpoint import CHECKSUMS, latest_checkpoint, list_checkpoints
 from nanoseek.train.trainer_state import (
@@ -110,8 +110,10 @@ def test_crafted_dcp_metadata_does_not_execute(data_dir, tmp_path):
     with pytest.raises(UserError, match=r"refusing to load it, it holds more than checkpoint data \(io.open is not"):
         run_pretraining(config(data_dir, out, max_steps=6), resume=True)
     assert not marker.exists()
-    with pytest.raises(UserError, match="refusing to load it"):
-        read_model_tensors(ckpt)
+    import nanoseek
+
+    with pytest.raises(UserError, match="refusing to load it"):  # the checkpoint as a model: the same reader
+        nanoseek.from_pretrained(ckpt)
     assert not marker.exists()
 
 
@@ -122,7 +124,7 @@ def test_crafted_dcp_value_does_not_execute(tmp_path):
     from torch.distributed.checkpoint.metadata import MetadataIndex
     from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-    from nanoseek.parallel.dcp_safe import SafeLoadPlanner, UnsafeCheckpointError
+    from nanoseek.dcp_safe import SafeLoadPlanner, UnsafeCheckpointError
 
     planner = SafeLoadPlanner(flatten_state_dict=False)
     planner.state_dict = {}
@@ -146,7 +148,7 @@ def test_single_process_checkpoint_of_earlier_versions_resumes(data_dir, tmp_pat
     """Before one process took the mesh path, its checkpoints held the model in HF format and the optimizer in
     the trainer state: such a checkpoint resumes and continues exactly like the DCP checkpoint of the same step."""
     from nanoseek.hf import save_pretrained
-    from nanoseek.parallel.dcp import read_model_tensors
+    from nanoseek.dcp_safe import read_model_tensors
     from nanoseek.train.trainer_state import write_trainer_state
 
     straight, out = tmp_path / "straight", tmp_path / "run"

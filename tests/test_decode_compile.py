@@ -51,6 +51,15 @@ def test_static_step_matches_the_dynamic_step():
         torch.testing.assert_close(a, b)
 
 
+def test_output_head_reduction_is_the_lm_head():
+    """The decode step's head (a reduction per vocabulary row for few rows) computes `lm_head`."""
+    model = tiny()
+    with torch.inference_mode():
+        for shape in [(1, 1), (4, 2), (8, 1), (3, 5)]:  # 1, 8, 8 rows: the reduction; 15: lm_head itself
+            hidden = torch.randn(*shape, model.config.hidden_size)
+            torch.testing.assert_close(compiled.output_head(model, hidden), model.lm_head(hidden), rtol=1e-5, atol=1e-5)
+
+
 def test_many_token_copies_go_through_the_eager_experts_op():
     """Above the fused path's size the step's experts are the eager MoE's own computation, exactly."""
     model = tiny()

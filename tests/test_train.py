@@ -269,3 +269,19 @@ def test_resume_survives_a_torn_metrics_log(data_dir, tmp_path):
         f.write(b'{"step": 4, "loss": 1.\x00\x00\xff\xfe')
     run_pretraining(config(data_dir, out, max_steps=6), resume=True)
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_loads_as_a_model(data_dir, tmp_path):
+    """Every checkpoint holds config.json and the tokenizer beside its DCP shards, so it loads like a model
+    directory; the last one equals the exported model."""
+    import nanoseek
+    from nanoseek.hf import load_model_and_tokenizer
+
+    out = tmp_path / "run"
+    run_pretraining(config(data_dir, out, max_steps=6))
+    last = list_checkpoints(out / "checkpoints")[-1]
+    from_checkpoint, exported = nanoseek.from_pretrained(last), nanoseek.from_pretrained(out / "model")
+    a, b = from_checkpoint.state_dict(), exported.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, tokenizer = load_model_and_tokenizer(last)  # the tokenizer from the checkpoint itself
+    assert (last / "tokenizer.json").is_file() and tokenizer.vocab_size == 300 <= model.config.vocab_size

@@ -7,7 +7,7 @@ file), written last. The directory is filled under a hidden temporary name and r
 after every rank has finished, so a crash mid-save never leaves a directory under a real name: the
 rename is the completion marker, and the checksums catch later damage.
 
-Loading never unpickles more than plain data (nanoseek.parallel.dcp_safe; torch's own reader would unpickle
+Loading never unpickles more than plain data (nanoseek.dcp_safe; torch's own reader would unpickle
 the metadata file and every non-tensor value in full). DCP records global shapes and each shard's offsets,
 so a checkpoint loads at another world size or layout (resharding): FSDP shards and EP expert shards are
 re-cut on load. The final model is gathered from the
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,10 +36,17 @@ from torch.distributed.checkpoint.state_dict import (
 
 from nanoseek.errors import UserError
 from nanoseek.files import WriteError, file_sha256, fsync_dir, fsync_file
-from nanoseek.parallel.dcp_safe import SafeLoadPlanner, SafeReader, UnsafeCheckpointError, read_metadata_safely
+from nanoseek.dcp_safe import (
+    SHARDS,
+    SafeLoadPlanner,
+    SafeReader,
+    UnsafeCheckpointError,
+    error_causes,
+    read_failure,
+    read_metadata_safely,
+)
 
 CHECKSUMS = "checksums.json"
-SHARDS = "dcp"
 # The optimizer state keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"): with pipeline
 # stages every rank holds other parameters, and torch's default keeps the groups as lists of names per group
 # index, which DCP would merge across ranks (one stage's list wins and the others lose their hyperparameters).
@@ -91,44 +96,21 @@ def _finish(tmp: Path, final: Path, write_extra: Callable[[Path], None]) -> None
     fsync_dir(final.parent)
 
 
-def _causes(error: BaseException) -> list[BaseException]:
-    """The errors behind `error`: DCP gathers each failed rank's (exception, stack) into one CheckpointException
-    (a BaseException, which `except Exception` would not catch)."""
-    if isinstance(error, CheckpointException):
-        found = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
-        return [e for e in found if isinstance(e, BaseException)] or [error]
-    return [error]
-
-
 def _failure(error: BaseException) -> str:
     """One line on a failed write."""
-    error = _causes(error)[0]
+    error = error_causes(error)[0]
     text = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
     return text[:200]
-
-
-def is_sharded(path: Path) -> bool:
-    return (path / SHARDS / ".metadata").is_file()
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank: read checkpoint `path` into the (already parallelized) model and optimizer, whatever
     the layout it was saved with. Nothing in the checkpoint is unpickled beyond plain data
-    (nanoseek.parallel.dcp_safe); a file that asks for more, or that does not fit the model, is a UserError."""
+    (nanoseek.dcp_safe); a file that asks for more, or that does not fit the model, is a UserError."""
     try:
         _load_sharded(path, model, optimizer)
     except (UnsafeCheckpointError, CheckpointException, OSError) as e:
-        raise UserError(f"checkpoint {path}: {_read_failure(e)}") from None
-
-
-def _read_failure(error: BaseException) -> str:
-    """One line on a failed read: refused content first, whichever rank met it."""
-    causes = _causes(error)
-    error = next((e for e in causes if isinstance(e, UnsafeCheckpointError)), causes[0])
-    if isinstance(error, UnsafeCheckpointError):
-        return f"refusing to load it, it holds more than checkpoint data ({error})"
-    line = (str(error).splitlines() or [type(error).__name__])[0][:200]
-    return f"does not load into this run's model ({type(error).__name__}: {line})"
+        raise UserError(f"checkpoint {path}: {read_failure(e)}") from None
 
 
 def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -158,23 +140,6 @@ def stateless_parameters(path: Path, optim_state: dict) -> set[str]:
     names = {parameter_of(k) for k in optim_state} - {None}
     have = {parameter_of(k) for k in saved}
     return names - have
-
-
-def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The model's weights in checkpoint `path` as full CPU tensors by parameter name, read in this process
-    alone (no process group needed: e.g. to inspect or convert a checkpoint)."""
-    try:
-        metadata = read_metadata_safely(path / SHARDS)
-        tensors = {key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-                   for key, meta in metadata.state_dict_metadata.items()
-                   if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-        with warnings.catch_warnings():  # "torch.distributed is disabled ...": reading alone is the intent
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": tensors}, storage_reader=SafeReader(str(path / SHARDS)), planner=SafeLoadPlanner(),
-                     no_dist=True)
-    except (UnsafeCheckpointError, CheckpointException, OSError) as e:
-        raise UserError(f"checkpoint {path}: {_read_failure(e)}") from None
-    return tensors
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

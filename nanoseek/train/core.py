@@ -38,9 +38,9 @@ from nanoseek.device import resolve_device
 from nanoseek.errors import UserError, is_finite_number, warn
 from nanoseek.files import WriteError, atomic_dir, write_json
 from nanoseek.fp8.optim import AdamW as BF16MomentAdamW
-from nanoseek.hf import load_weights, save_pretrained
+from nanoseek.hf import load_weights, save_config, save_pretrained
 from nanoseek.model import DeepseekV3ForCausalLM
-from nanoseek.parallel.dcp import is_sharded
+from nanoseek.dcp_safe import is_sharded
 from nanoseek.parallel.runtime import ParallelRuntime
 from nanoseek.train.checkpoint import (
     checkpoint_name,
@@ -309,7 +309,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             remove_partial(self.ckpt_dir)
         try:
-            self.parallel.save(final, self.model, self.optimizer, lambda tmp: write_trainer_state(tmp, state))
+            self.parallel.save(final, self.model, self.optimizer, lambda tmp: self.write_beside_shards(tmp, state))
         except WriteError as e:  # e.g. a full disk: the half-written directory goes
             if self.main:
                 remove_partial(self.ckpt_dir)
@@ -318,6 +318,12 @@ class Trainer:
             prune(self.ckpt_dir, self.cfg.keep_last)
         self.parallel.barrier()
         return final
+
+    def write_beside_shards(self, folder: Path, state: dict) -> None:
+        """Rank 0's part of a checkpoint: the trainer state, and the model's config and tokenizer, so the
+        checkpoint also loads as a model (`nanoseek generate --model out_dir/checkpoints/step_...`)."""
+        write_trainer_state(folder, state)
+        save_config(self.model.config, folder, self.extra_files)
 
     def resume(self, source: BatchSource, on_state: Callable[[dict], None] | None = None) -> bool:
         """Restore the newest valid checkpoint; False (said on stdout) when out_dir has none."""
