@@ -19,8 +19,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from nanoseek.errors import request_hard_exit
-from nanoseek.model import DeepseekV3ForCausalLM
 from nanoseek.files import write_json
+from nanoseek.model import DeepseekV3ForCausalLM
 from nanoseek.parallel import dcp
 from nanoseek.parallel.config import ParallelConfig
 from nanoseek.parallel.mesh import ParallelContext, init_parallel, is_single_process, shutdown
