@@ -10,7 +10,8 @@ import importlib.util
 import os
 import sys
 
-from nanoseek.errors import UserError, hard_exit_requested
+from nanoseek.config import ConfigError
+from nanoseek.errors import SettingError, UserError, hard_exit_requested
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,7 +68,9 @@ def _run(argv: list[str] | None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        if not (isinstance(e, (SettingError, ConfigError)) and os.environ.get("RANK", "0") != "0"):
+            # a bad setting is the same on every torchrun rank: rank 0 says it, once for the job
+            print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `nanoseek ... | head` closed our stdout: not an error of the command
         _silence_stdout()

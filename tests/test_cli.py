@@ -18,3 +18,14 @@ def test_closed_stdout_pipe_is_not_an_error():
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert "error" not in stderr.lower() and "Traceback" not in stderr
+
+
+def test_a_bad_setting_is_said_once_per_torchrun_job(monkeypatch, capsys):
+    """Every torchrun rank checks the same settings; only rank 0 prints the error (all exit with status 2)."""
+    from nanoseek.cli import main
+
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["pretrain", "model=tiny", "lr=-1"]) == 2
+        err = capsys.readouterr().err
+        assert ("nanoseek pretrain: error: invalid setting `lr`" in err) == said, err
