@@ -40,6 +40,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from nanoseek.errors import warn
@@ -203,22 +204,30 @@ class _Packaged:
 
     def __init__(self, fn, model, tensors: tuple, static: tuple):
         step = _Step(fn, model, static)
-        # Weights by name, each read from its owning module at every call: a replaced tensor is seen.
-        # named_parameters drops tied duplicates; functional_call fills them in from their twin.
-        self.owners = [(name, step.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
-                       for name, _ in [*step.named_parameters(), *step.named_buffers()]]
+        # Each weight is read from its module's own dict at every call, so a tensor replaced in its module
+        # is seen. named_parameters drops tied duplicates; functional_call fills them in from their twin.
+        self.slots = []
+        for name, _ in [*step.named_parameters(), *step.named_buffers()]:
+            owner, _, attr = name.rpartition(".")
+            module = step.get_submodule(owner)
+            self.slots.append((name, module._parameters if attr in module._parameters else module._buffers, attr))
+        weights = {name: store[attr] for name, store, attr in self.slots}
         with torch.no_grad():
-            program = torch.export.export(_WeightsAsInputs(step), (self.weights(), *tensors), strict=False)
+            program = torch.export.export(_WeightsAsInputs(step), (weights, *tensors), strict=False)
         with tempfile.TemporaryDirectory(prefix="nanoseek-step-") as tmp:  # loading copies the library out
             path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(tmp, "step.pt2"),
                                                             inductor_configs=self.OPTIONS)
-            self.run = torch._inductor.aoti_load_package(path)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(owner, attr) for name, owner, attr in self.owners}
+            # The loaded model's C++ runner, called with the flat list of inputs (weights in the order above,
+            # then the tensors): the Python wrapper around it would rebuild its input and output
+            # specifications from text at every call (~0.1 ms).
+            self.run = torch._inductor.aoti_load_package(path).loader
+        self.out_spec = pytree.treespec_loads(self.run.get_call_spec()[1])
 
     def __call__(self, tensors: tuple):
-        return self.run(self.weights(), *tensors)
+        flat = [store[attr] for _, store, attr in self.slots]
+        for t in tensors:
+            flat.extend(t) if isinstance(t, list) else flat.append(t)
+        return pytree.tree_unflatten(self.run.boxed_run(flat), self.out_spec)
 
 
 class DecodeSteps:
