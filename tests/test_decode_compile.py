@@ -109,6 +109,26 @@ def test_compiled_decode_gives_the_eager_tokens():
 
 
 @needs_compiler
+def test_compiled_steps_read_the_live_weights():
+    """The weights are inputs of the compiled step, not constants baked into it: a weight changed in place
+    or a parameter replaced after compilation changes the compiled tokens as it changes the eager ones,
+    without a new compilation."""
+    model = tiny()
+    prompts = prompts_of([5, 9, 3])
+    greedy = SamplingParams(max_new_tokens=24)
+    before = generate(model, prompts, greedy, eos_token_id=[], compile=True)
+    steps = compiled.decode_steps(model)
+    graphs = dict(steps.graphs)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    model.model.norm.weight = torch.nn.Parameter(torch.rand_like(model.model.norm.weight) + 0.5)
+    eager = generate(model, prompts, greedy, eos_token_id=[])
+    got = generate(model, prompts, greedy, eos_token_id=[], compile=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in eager] != [r.token_ids for r in before]
+    assert steps.graphs == graphs and not steps.failed
+
+
+@needs_compiler
 def test_compiled_speculative_decoding_gives_the_plain_tokens():
     random_model = tiny()  # drafts at chance: rejections
     trained = train_to_follow_a_rule(tiny(), steps=60)  # mostly accepted drafts
