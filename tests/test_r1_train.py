@@ -468,3 +468,48 @@ def test_r1_benchmarks_quick(tmp_path):
     assert (tmp_path / "r1_zero" / "r1_zero.png").stat().st_size > 0
     assert {"teacher", "student_base", "rl", "rl_long"} <= summary["results"].keys()
     assert "| student base" in (tmp_path / "distill_vs_rl" / "results.md").read_text()
+
+
+def test_grpo_eval_gives_each_rank_its_share_of_the_problems(tok, monkeypatch):
+    """Under data parallelism each rank evaluates every ranks-th held-out problem and the counts are summed:
+    the two ranks' problems are disjoint, cover the set, and add up to the one-process figures."""
+    from nanoseek.r1.configs import GRPOConfig
+    from nanoseek.r1.grpo_report import greedy_eval
+
+    seen: list[str] = []
+
+    def fake(model, prompts, **kw):  # right iff the answer is even: a property of the problem, not the batch
+        out = []
+        for ids in prompts:
+            q = tok.decode(ids).removeprefix("Q: ").removesuffix("\n<think>")
+            seen.append(q)
+            ans = int(eval(q))  # noqa: S307 - our own generated arithmetic
+            text = f"{q}</think><answer>{ans if ans % 2 == 0 else ans + 1}</answer>"
+            out.append(SampledTokens(tok.encode(text) + [tok.eos_id], [0.0] * 99, "stop"))
+        return out
+
+    class Ranks:  # one rank of `size`; `sum` keeps this rank's counts (the real one all-reduces them)
+        def __init__(self, rank, size):
+            self.rank, self.size, self.counts = rank, size, None
+
+        def sum(self, values):
+            self.counts = values
+            return values
+
+    monkeypatch.setattr(rollout_mod, "generate_completions", fake)
+    task = get_task("arithmetic", n_train=2, n_test=9)
+    cfg = GRPOConfig(eval_problems=7, template="compact")
+    one = greedy_eval(None, tok, task, cfg)
+    everything, seen[:] = list(seen), []
+    parts = [Ranks(r, 2) for r in range(2)]
+    shares = []
+    for ranks in parts:
+        greedy_eval(None, tok, task, cfg, ranks)
+        shares.append(list(seen))
+        seen.clear()
+    assert len(everything) == 7 and sorted(shares[0] + shares[1]) == sorted(everything)
+    assert len(shares[0]) == 4 and not set(shares[0]) & set(shares[1])
+    correct, well_formed, tokens, n = (a + b for a, b in zip(parts[0].counts, parts[1].counts))
+    assert n == 7 and one == {"test_accuracy": correct / n, "test_format": well_formed / n,
+                              "test_response_length": tokens / n}
+    assert 0 < one["test_accuracy"] < 1

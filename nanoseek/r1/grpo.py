@@ -102,9 +102,9 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False) -> Trainer:
     policy = RolloutPolicy(trainer.model, sampler)
     source = RolloutSource(cfg, trainer, tokenizer, task, ref, ranks=ranks, policy=policy)
 
-    def evaluate() -> dict:  # every rank evaluates the same problems (on its own copy: no collectives)
+    def evaluate() -> dict:  # each rank its share of the problems, on its own copy of the policy
         policy.refresh()
-        return greedy_eval(policy.model, tokenizer, task, cfg)
+        return greedy_eval(policy.model, tokenizer, task, cfg, ranks)
 
     def sample() -> dict:
         return write_samples(trainer, source) if trainer.main else {}

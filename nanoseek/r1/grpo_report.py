@@ -7,21 +7,28 @@ import json
 import os
 
 from nanoseek.r1.configs import GRPOConfig
-from nanoseek.r1.evaluate import evaluate_model
 from nanoseek.r1.grpo_batches import RolloutSource
+from nanoseek.r1.grpo_ranks import DataParallelRanks
+from nanoseek.r1.rollout import rollout
 from nanoseek.r1.tasks import Task
 from nanoseek.train.core import Trainer
 
 
-def greedy_eval(model, tokenizer, task: Task, cfg: GRPOConfig) -> dict:
-    """Held-out greedy accuracy on the first `eval_problems` test problems."""
+def greedy_eval(model, tokenizer, task: Task, cfg: GRPOConfig, ranks: DataParallelRanks | None = None) -> dict:
+    """Held-out greedy accuracy, format share and length on the first `eval_problems` test problems. With
+    several data-parallel ranks each rolls out every `ranks.size`-th problem on its own copy of the policy
+    and the counts are summed: the job evaluates each problem once, not once per rank."""
     if not task.test or cfg.eval_problems <= 0:
         return {}
-    r = evaluate_model(model, tokenizer, task, k=0, template=cfg.template,
-                       max_new_tokens=cfg.max_new_tokens, n_problems=cfg.eval_problems,
-                       batch_size=cfg.rollout_batch_size)
-    return {"test_accuracy": r.greedy_accuracy, "test_format": r.format_rate,
-            "test_response_length": r.mean_response_length}
+    ranks = ranks or DataParallelRanks()
+    problems = task.test[:cfg.eval_problems][ranks.rank::ranks.size]
+    samples = [row[0].sample for row in rollout(model, tokenizer, task, problems, n=1, temperature=0.0,
+                                                template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+                                                batch_size=cfg.rollout_batch_size, progress="eval greedy")] \
+        if problems else []
+    correct, well_formed, tokens, n = ranks.sum([sum(x.correct for x in samples), sum(x.well_formed for x in samples),
+                                                 sum(x.n_tokens for x in samples), len(samples)])
+    return {"test_accuracy": correct / n, "test_format": well_formed / n, "test_response_length": tokens / n}
 
 
 def write_samples(trainer: Trainer, source: RolloutSource) -> dict:
