@@ -1,7 +1,7 @@
 """The metrics log of a run: one JSON object per line in metrics.jsonl, mirrored to TensorBoard when installed.
 
 On resume the log is cut back to the checkpoint's step first, so steps that ran after the checkpoint and
-are now repeated do not appear twice."""
+are now repeated do not appear twice (TensorBoard: `purge_step`, which hides those steps' events)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+                # on resume TensorBoard hides the events of the steps after the checkpoint (they are redone)
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
             except Exception:  # tensorboard not installed: JSONL only
                 self._tb = None
 
