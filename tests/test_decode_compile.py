@@ -51,6 +51,28 @@ def test_static_step_matches_the_dynamic_step():
         torch.testing.assert_close(a, b)
 
 
+@needs_compiler
+def test_expert_loop_is_the_eager_experts():
+    """The C++ expert loop (each chosen expert's weights read once, its copies together) computes what
+    the eager MoE computes, for experts chosen by none, one and up to all of the tokens."""
+    from nanoseek.inference.expert_loop import expert_loop, serves
+    from nanoseek.model.moe import GroupedExperts
+
+    experts = GroupedExperts(8, 32, 16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(9, 32)
+    idx = torch.stack([torch.randperm(7)[:3] for _ in range(9)])  # expert 7 unused; 9 x 3 copies on 7 experts
+    idx[:, 0] = 2  # expert 2 chosen by every token: copies in groups of 4 and a remainder
+    weights = torch.rand(9, 3)
+    assert serves(x, idx, experts.gate_up_proj, experts.down_proj)
+    assert not serves(x[:2], idx[:2], experts.gate_up_proj, experts.down_proj)  # 6 copies, 8 experts
+    with torch.inference_mode():
+        torch.testing.assert_close(expert_loop(x, weights, idx, experts.gate_up_proj, experts.down_proj),
+                                   experts.per_expert(x, weights, idx), rtol=1e-5, atol=1e-6)
+    assert not serves(x.double(), idx, experts.gate_up_proj.double(), experts.down_proj.double())
+
+
 def test_output_head_reduction_is_the_lm_head():
     """The decode step's head (a reduction per vocabulary row for few rows) computes `lm_head`."""
     model = tiny()

@@ -44,6 +44,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from nanoseek.errors import warn
+from nanoseek.inference.expert_loop import cpp_compiler, serves
 from nanoseek.model.cache import CacheStep, CacheView, LatentKVCache
 from nanoseek.model.moe import MoE, GroupedExperts, combine, dispatch
 
@@ -65,8 +66,7 @@ def compiler_problem(device: torch.device) -> str | None:
     """Why inductor cannot compile for `device` here, or None: CPU kernels are C++ (needs a C++ compiler),
     GPU kernels Triton (needs triton and a C compiler for its launcher)."""
     if device.type == "cpu":
-        names = [os.environ.get("CXX"), "g++", "clang++", "c++"]
-        return None if any(n and shutil.which(n) for n in names) else "no C++ compiler found (g++, clang++ or $CXX)"
+        return None if cpp_compiler() else "no C++ compiler found (g++, clang++ or $CXX)"
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
@@ -109,8 +109,9 @@ def gathered_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, 
 
 class _StepExperts:
     """The `MoE.expert_dispatcher` installed during a compiled step: few token copies (decoding) go
-    through `gathered_experts`, fused into the graph; more through the `routed_experts` op (the eager
-    MoE's own computation), so the graph has no data-dependent shapes or host reads either way."""
+    through `expert_loop` (CPU, float32, one thread: nanoseek.inference.expert_loop) or else
+    `gathered_experts`, fused into the graph; more through the `routed_experts` op (the eager MoE's own
+    computation), so the graph has no data-dependent shapes or host reads either way."""
 
     def __init__(self, moe: MoE):
         self.moe, self.handle = moe, id(moe.experts)
@@ -118,6 +119,8 @@ class _StepExperts:
 
     def __call__(self, x, weights, idx, experts):
         if experts.grouped_mm is None and idx.numel() <= 4 * self.moe.cfg.n_routed_experts:
+            if serves(x, idx, experts.gate_up_proj, experts.down_proj):  # CPU: each chosen expert read once
+                return torch.ops.nanoseek.expert_loop(x, weights, idx, experts.gate_up_proj, experts.down_proj), None
             return gathered_experts(x, weights, idx, experts.gate_up_proj, experts.down_proj), None
         return torch.ops.nanoseek.routed_experts(x, weights, idx, self.handle, self.moe.few_tokens(x)), None
 
