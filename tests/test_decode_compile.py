@@ -178,6 +178,22 @@ def test_no_compiler_falls_back_to_eager_with_one_line(monkeypatch, capsys):
 
 
 @needs_compiler
+def test_compiler_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise RuntimeError("C++ compile error: something broke\nmore lines")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
+    model = tiny()
+    prompts = prompts_of([4, 6])
+    params = SamplingParams(max_new_tokens=8)
+    got = generate(model, prompts, params, eos_token_id=[], compile=True)
+    err = capsys.readouterr().err
+    assert "compiled decoding failed (RuntimeError: C++ compile error: something broke); decoding eagerly" in err
+    assert len(err.strip().splitlines()) == 1 and compiled.decode_steps(model).failed
+    assert [r.token_ids for r in got] == [r.token_ids for r in generate(model, prompts, params, eos_token_id=[])]
+
+
+@needs_compiler
 def test_generate_cli_compile_flag_gives_the_same_text(model_dir, capsys):
     from nanoseek.cli import main
 

@@ -6,11 +6,12 @@ attention glue fuse into a handful of generated kernels around the matmuls (indu
 plus CUDA graphs on GPU).
 
 On CPU each step is exported (`torch.export`) and compiled ahead of time by AOTInductor into a shared
-library, so a step is one C++ call: `torch.compile`'s graph would leave a Python wrapper that launches
-each generated kernel and a guard check before every call, together ~15% of a batch-8 step of the bench
-preset. The model's weights are inputs of the exported step, not constants: it reads the model's current
-tensors at every call, as the eager forward does (nothing is copied; an optimizer step or a
-`load_state_dict` is seen). On CUDA a step is `torch.compile`d with CUDA graphs (one replay per step).
+library, so a step is one C++ call: `torch.compile`'s graph leaves a Python wrapper that launches each
+generated kernel and a guard check before every call (measured on the bench preset: 128 tokens 1.26x
+faster at batch 1, 1.05x at batch 8). The model's weights are inputs of the exported step, not constants:
+it reads the model's current tensors at every call, as the eager forward does (nothing is copied; an
+optimizer step or a replaced parameter is seen). On CUDA a step is `torch.compile`d with CUDA graphs
+(one replay per step).
 
 One graph must serve every step, so a step's shapes may not change as the cache fills:
 - the cache is preallocated at a bucketed length (`static_length`) and each step is a static-shape step
@@ -20,7 +21,10 @@ One graph must serve every step, so a step's shapes may not change as the cache 
   receives plain tensors and writes the new latents in place;
 - the routed experts (which experts a token uses is data, and eager CPU code runs them one by one for few
   tokens): for the few token copies of a decode step, reductions over the chosen experts' weights that
-  inductor fuses (`gathered_experts`); for more, one opaque custom op computed as the eager MoE does;
+  inductor fuses (`gathered_experts`), or, once experts serve several copies (batch 4 and up on the
+  bench preset), one C++ loop that reads each chosen expert once (nanoseek.inference.expert_loop); for
+  more copies, one opaque custom op computed as the eager MoE does;
+- the output head of a step of few rows is one reduction per vocabulary row (`output_head`);
 - finished rows are not dropped from the batch (a new batch size would be a new compilation).
 
 Prefill stays eager (its length differs per call). The compiled step computes the same function as the
