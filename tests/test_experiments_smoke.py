@@ -43,3 +43,22 @@ def test_context_extension_quick(tmp_path):
     yarn = json.loads((tmp_path / "long" / "yarn" / "model" / "config.json").read_text())
     assert yarn["rope_scaling"]["rope_type"] == "yarn"
     assert "YaRN stage at 4L" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_check_dry_run(tmp_path, monkeypatch):
+    """The prepared GPU script at toy sizes on CPU: every section runs (so it has not rotted when a GPU comes)."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert [r["section"] for r in rows] == ["env", "fp8_gemm", "fp8_linear", "fp8_speed", "single_gpu", "fsdp_bf16",
+                                            "mfu"]
+    assert all("error" not in r for r in rows)
+    by = {r["section"]: r for r in rows}
+    assert by["fp8_gemm"]["64x200x96_max_rel_err"] < 1e-5 and by["single_gpu"]["resumed_from"] == 30
+    assert by["single_gpu"]["loss_at_40"] < by["single_gpu"]["first_loss"]
