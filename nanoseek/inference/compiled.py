@@ -262,6 +262,8 @@ class DecodeSteps:
         """`fn(model, *tensors, *static)` compiled, with the step's expert dispatchers installed; on the first
         call of a shape, time it as compilation, and if compiling fails, say so once and stay eager for this
         model."""
+        if key in self.graphs and isinstance(self.graphs[key], _Packaged):  # no Python of the model runs
+            return self.graphs[key](tensors)
         for moe, op in self.dispatchers.items():
             moe.expert_dispatcher = op
         try:
