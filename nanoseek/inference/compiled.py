@@ -135,6 +135,9 @@ def _view(kv: list[torch.Tensor], mask: torch.Tensor, positions: torch.Tensor, s
     return CacheView(kv, CacheStep(0, positions, mask, slots=slots))
 
 
+HEAD_ROWS = 8  # measured at 1 and 8 rows
+
+
 def output_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """`model.lm_head(hidden)`. For the few rows of a CPU decode step (at most `HEAD_ROWS`), written as one
     reduction per vocabulary row over all the step's rows: inductor's loop then reads each row of the head
@@ -149,8 +152,6 @@ def output_head(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = (head.weight[:, None, :] * hidden.reshape(1, rows, -1)).sum(-1)  # [V, rows]
     return logits.t().reshape(*hidden.shape[:-1], -1)
 
-
-HEAD_ROWS = 8  # measured at 1 and 8 rows
 
 
 def trunk_step(model, ids: torch.Tensor, kv: list[torch.Tensor], mask: torch.Tensor, positions: torch.Tensor,
@@ -259,7 +260,8 @@ class DecodeSteps:
         return lambda tensors: graph(self.model, *tensors, *static)
 
     def _run(self, fn, key: tuple, tensors: tuple, static: tuple = ()):
-        """`fn(model, *tensors, *static)` compiled, with the step's expert dispatchers installed; on the first
+        """`fn(model, *tensors, *static)` compiled. Tracing (and a CUDA graph's guards) run the model's Python,
+        so the step's expert dispatchers are installed around it; an exported step runs none. On the first
         call of a shape, time it as compilation, and if compiling fails, say so once and stay eager for this
         model."""
         if key in self.graphs and isinstance(self.graphs[key], _Packaged):  # no Python of the model runs
