@@ -47,10 +47,18 @@ from nanoseek.dcp_safe import (
 )
 
 CHECKSUMS = "checksums.json"
-# The optimizer state keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"): with pipeline
-# stages every rank holds other parameters, and torch's default keeps the groups as lists of names per group
-# index, which DCP would merge across ranks (one stage's list wins and the others lose their hyperparameters).
+# The optimizer state keyed by parameter name ("state.<name>.exp_avg"): with pipeline stages every rank holds
+# other parameters, and torch's default keys the state by index within lists of names per group, which DCP
+# would merge across ranks (one stage's list wins).
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# The hyperparameters ("param_groups.<name>.lr", betas, eps, ... for every parameter) are not saved: the run's
+# config rebuilds them (the schedule sets lr at every step), and as one small pickled value each they were 3
+# in 4 of a checkpoint's items and most of its write time.
+HYPERPARAMETERS = "param_groups."
+
+
+def _moments(optim_state: dict) -> dict:
+    return {k: v for k, v in optim_state.items() if not k.startswith(HYPERPARAMETERS)}
 
 
 def _files(folder: Path) -> list[Path]:
@@ -69,7 +77,7 @@ def save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     try:
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDS)
+        dcp.save({"model": model_state, "optimizer": _moments(optim_state)}, checkpoint_id=tmp / SHARDS)
     except (OSError, CheckpointException) as e:  # DCP gathers every rank's error into one CheckpointException
         raise WriteError(f"could not write checkpoint {final.name} ({_failure(e)})") from None
     dist.barrier()  # every rank's shards are on disk
@@ -116,7 +124,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
 def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     stateless = stateless_parameters(path, optim_state)
-    wanted = {k: v for k, v in optim_state.items() if parameter_of(k) not in stateless}
+    wanted = {k: v for k, v in _moments(optim_state).items() if parameter_of(k) not in stateless}
     state = {"model": model_state, "optimizer": wanted}
     dcp.load(state, storage_reader=SafeReader(str(path / SHARDS)), planner=SafeLoadPlanner())
     optim_state.update(state["optimizer"])
