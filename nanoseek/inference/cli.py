@@ -71,7 +71,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
     p.add_argument("--speculative", action="store_true",
                    help="draft one token ahead with the model's MTP module, verify with the trunk")
     p.add_argument("--compile", action="store_true",
-                   help="decode with one compiled step (torch.compile; needs a C++ compiler on CPU): several times "
+                   help="decode with one compiled step (AOTInductor on CPU, needs a C++ compiler; torch.compile with "
+                        "CUDA graphs on GPU): several times "
                         "faster per token after a one-off compilation of tens of seconds, so worth it for long or "
                         "many generations (docs/performance.md)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
