@@ -22,16 +22,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from nanoseek.errors import UserError, warn
-from nanoseek.files import WriteError, atomic_dir, file_sha256
-from nanoseek.hf import save_pretrained
-from nanoseek.train.trainer_state import write_trainer_state
-
-CHECKSUMS = "checksums.json"
+from nanoseek.files import file_sha256
+from nanoseek.parallel.dcp import CHECKSUMS  # written last by every checkpoint save
 
 
 def checkpoint_name(step: int) -> str:
